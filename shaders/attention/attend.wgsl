@@ -1,0 +1,116 @@
+// Causal attention of the step's queries over the cache, returned as mergeable partials.
+//
+// Workgroup (head h, split s, query t): the query at position pos = state[0] + t attends keys
+// 0..=pos; split s takes its share of them. It returns the partial (m, l, o): the running max
+// of the scores, the softmax denominator relative to m, and the unnormalised output. Partials
+// of disjoint key sets merge exactly (attn_merge.wgsl), which is what lets every KV policy be
+// "produce partials, merge". Decode uses many splits (flash-decoding); prefill few.
+//
+// 64 invocations. Scores: one key per invocation per tile of 64 keys. Weighted values: the
+// head dimension in groups of four (hd/4 invocations) times 64/(hd/4) groups of keys, summed
+// at the end through workgroup memory.
+
+struct Params {
+    n_heads: u32,
+    n_kv: u32,
+    hd: u32,
+    max_ctx: u32,
+    n_splits: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> state: array<u32>;
+@group(0) @binding(2) var<storage, read> q: array<f32>;
+@group(0) @binding(3) var<storage, read> k_cache: array<KvWord>;
+@group(0) @binding(4) var<storage, read> v_cache: array<KvWord>;
+// [t][h][s][hd + 2]: o[0..hd], m, l
+@group(0) @binding(5) var<storage, read_write> part: array<f32>;
+
+const WG: u32 = 64u;
+const NEG: f32 = -1e30;
+
+var<workgroup> q_sh: array<vec4<f32>, 64>;
+var<workgroup> p_sh: array<f32, 64>;
+var<workgroup> o_sh: array<vec4<f32>, 64>;
+
+@compute @workgroup_size(64)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+#if SUBGROUPS
+    @builtin(subgroup_size) sgs: u32,
+    @builtin(subgroup_invocation_id) sgl: u32,
+#endif
+) {
+#if !SUBGROUPS
+    let sgs = 1u;
+    let sgl = 0u;
+#endif
+    let h = wid.x;
+    let s = wid.y;
+    let t = wid.z;
+    if (t >= state[1]) { return; }
+    let pos = state[0] + t;
+    let n_keys = pos + 1u;
+    let chunk = (n_keys + p.n_splits - 1u) / p.n_splits;
+    let k0 = min(s * chunk, n_keys);
+    let k1 = min(k0 + chunk, n_keys);
+    let kh = h / (p.n_heads / p.n_kv);
+    let hd4 = p.hd / 4u;
+    let q_base = (t * p.n_heads + h) * p.hd;
+    if (lid < hd4) {
+        let b = q_base + lid * 4u;
+        q_sh[lid] = vec4<f32>(q[b], q[b + 1u], q[b + 2u], q[b + 3u]) * p.scale;
+    }
+    workgroupBarrier();
+
+    let row0 = kh * p.max_ctx;
+    // Value phase layout: invocation = key group * hd4 + dim group.
+    let dg = lid % hd4;
+    let kg = lid / hd4;
+    let n_kg = WG / hd4;
+    var m = NEG;
+    var l = 0.0;
+    var o = vec4<f32>(0.0);
+    for (var tile = k0; tile < k1; tile += WG) {
+        let j = tile + lid;
+        var score = NEG;
+        if (j < k1) {
+            let kb = (row0 + j) * hd4;
+            var acc = 0.0;
+            for (var d = 0u; d < hd4; d++) {
+                acc += dot(q_sh[d], kv_unpack(k_cache[kb + d]));
+            }
+            score = acc;
+        }
+        let m_new = max(m, wg_max(score, lid, WG, sgs, sgl));
+        var pj = 0.0;
+        if (j < k1) { pj = exp(score - m_new); }
+        let corr = exp(m - m_new);
+        l = l * corr + wg_sum(pj, lid, WG, sgs, sgl);
+        p_sh[lid] = pj;
+        workgroupBarrier();
+        o = o * corr;
+        if (kg < n_kg) {
+            let n = min(WG, k1 - tile);
+            for (var jj = kg; jj < n; jj += n_kg) {
+                o += p_sh[jj] * kv_unpack(v_cache[(row0 + tile + jj) * hd4 + dg]);
+            }
+        }
+        m = m_new;
+        workgroupBarrier();
+    }
+    o_sh[lid] = o;
+    workgroupBarrier();
+    let out = ((t * p.n_heads + h) * p.n_splits + s) * (p.hd + 2u);
+    if (lid < hd4) {
+        var sum = vec4<f32>(0.0);
+        for (var g = 0u; g < n_kg; g++) { sum += o_sh[g * hd4 + lid]; }
+        for (var e = 0u; e < 4u; e++) { part[out + lid * 4u + e] = sum[e]; }
+    }
+    if (lid == 0u) {
+        part[out + p.hd] = m;
+        part[out + p.hd + 1u] = l;
+    }
+}

@@ -1,0 +1,257 @@
+// Weight decoding shared by the weight kernels (matvec, matmul, embedding). One of W_F32,
+// W_F16, W_BF16, W_Q8_0, W_Q4_0, W_Q4_1 is defined; the weights stay packed as
+// `quant::pack_for_gpu` lays them out and are decoded here, exactly (every format's values are
+// exact in f32, so no F16 arithmetic is used).
+//
+// The including kernel declares
+//   var<storage, read> W: array<vec4<u32>>;      (the buffer is padded to 16 bytes)
+//   var<storage, read> U: array<vec4<u32>>;      (only with SWIGLU: the second matrix)
+//   fn w_layout(m: u32) -> vec2<u32>             ((row_stride, scale_offset) of the layout)
+// Every helper takes `m`, the matrix (0 = W, 1 = U); call sites pass constants, so after
+// inlining the selection costs nothing.
+
+// One u32 word of the packed matrix.
+fn ww(m: u32, i: u32) -> u32 {
+#if SWIGLU
+    if (m == 1u) { return U[i >> 2u][i & 3u]; }
+#endif
+    return W[i >> 2u][i & 3u];
+}
+
+// Four words at word index 4 * i (one 16-byte load).
+fn wq(m: u32, i: u32) -> vec4<u32> {
+#if SWIGLU
+    if (m == 1u) { return U[i]; }
+#endif
+    return W[i];
+}
+
+// Signed bytes of a word, low byte first.
+fn i8x4(w: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(w) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u));
+}
+
+// Low / high nibbles of the four bytes of a word, low byte first.
+fn lo4(w: u32) -> vec4<f32> {
+    return vec4<f32>((vec4<u32>(w) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u));
+}
+fn hi4(w: u32) -> vec4<f32> {
+    return vec4<f32>((vec4<u32>(w) >> vec4<u32>(4u, 12u, 20u, 28u)) & vec4<u32>(15u));
+}
+
+// Scale d of quant block b (Q8_0, Q4_0: two f16 per word).
+fn w_d(m: u32, b: u32) -> f32 {
+    let s = ww(m, w_layout(m).y + (b >> 1u));
+    return unpack2x16float(s)[b & 1u];
+}
+
+// (d, m) of Q4_1 block b (one word per block).
+fn w_dm(m: u32, b: u32) -> vec2<f32> {
+    return unpack2x16float(ww(m, w_layout(m).y + b));
+}
+
+// Element (r, c) of the matrix. Slow path: odd shapes, embedding rows.
+fn w_elem(m: u32, r: u32, c: u32) -> f32 {
+    let L = w_layout(m);
+#if W_F32
+    return bitcast<f32>(ww(m, r * L.x + c));
+#endif
+#if W_F16
+    return unpack2x16float(ww(m, r * L.x + (c >> 1u)))[c & 1u];
+#endif
+#if W_BF16
+    let w = ww(m, r * L.x + (c >> 1u));
+    return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (c & 1u) == 1u));
+#endif
+#if W_Q8_0
+    let b = r * L.x + (c >> 5u);
+    let j = c & 31u;
+    let q = extractBits(bitcast<i32>(ww(m, b * 8u + (j >> 2u))), 8u * (j & 3u), 8u);
+    return w_d(m, b) * f32(q);
+#endif
+#if W_Q4_0
+    let b = r * L.x + (c >> 5u);
+    let j = c & 31u;
+    let byte = ww(m, b * 4u + ((j & 15u) >> 2u)) >> (8u * (j & 3u));
+    let q = (byte >> (4u * (j >> 4u))) & 15u;
+    return w_d(m, b) * (f32(q) - 8.0);
+#endif
+#if W_Q4_1
+    let b = r * L.x + (c >> 5u);
+    let j = c & 31u;
+    let byte = ww(m, b * 4u + ((j & 15u) >> 2u)) >> (8u * (j & 3u));
+    let q = (byte >> (4u * (j >> 4u))) & 15u;
+    let dm = w_dm(m, b);
+    return dm.x * f32(q) + dm.y;
+#endif
+}
+
+// Dot product of the 32 elements of row r starting at column 32 * kb with xs (elements 4i..4i+3
+// in xs[i]); xsum = the sum of those x. Requires cols % 32 == 0 (so float rows are 16-byte
+// aligned). Each call is whole 16-byte loads of one block.
+fn w_dot32(m: u32, r: u32, kb: u32, xs: array<vec4<f32>, 8>, xsum: f32) -> f32 {
+    let L = w_layout(m);
+#if W_F32
+    let base = (r * L.x + kb * 32u) >> 2u;
+    var s = 0.0;
+    s += dot(bitcast<vec4<f32>>(wq(m, base)), xs[0]);
+    s += dot(bitcast<vec4<f32>>(wq(m, base + 1u)), xs[1]);
+    s += dot(bitcast<vec4<f32>>(wq(m, base + 2u)), xs[2]);
+    s += dot(bitcast<vec4<f32>>(wq(m, base + 3u)), xs[3]);
+    s += dot(bitcast<vec4<f32>>(wq(m, base + 4u)), xs[4]);
+    s += dot(bitcast<vec4<f32>>(wq(m, base + 5u)), xs[5]);
+    s += dot(bitcast<vec4<f32>>(wq(m, base + 6u)), xs[6]);
+    s += dot(bitcast<vec4<f32>>(wq(m, base + 7u)), xs[7]);
+    return s;
+#endif
+#if W_F16
+    let base = (r * L.x + kb * 16u) >> 2u;
+    let q0 = wq(m, base);
+    let q1 = wq(m, base + 1u);
+    let q2 = wq(m, base + 2u);
+    let q3 = wq(m, base + 3u);
+    var s = 0.0;
+    s += dot(vec4<f32>(unpack2x16float(q0.x), unpack2x16float(q0.y)), xs[0]);
+    s += dot(vec4<f32>(unpack2x16float(q0.z), unpack2x16float(q0.w)), xs[1]);
+    s += dot(vec4<f32>(unpack2x16float(q1.x), unpack2x16float(q1.y)), xs[2]);
+    s += dot(vec4<f32>(unpack2x16float(q1.z), unpack2x16float(q1.w)), xs[3]);
+    s += dot(vec4<f32>(unpack2x16float(q2.x), unpack2x16float(q2.y)), xs[4]);
+    s += dot(vec4<f32>(unpack2x16float(q2.z), unpack2x16float(q2.w)), xs[5]);
+    s += dot(vec4<f32>(unpack2x16float(q3.x), unpack2x16float(q3.y)), xs[6]);
+    s += dot(vec4<f32>(unpack2x16float(q3.z), unpack2x16float(q3.w)), xs[7]);
+    return s;
+#endif
+#if W_BF16
+    let base = (r * L.x + kb * 16u) >> 2u;
+    var s = 0.0;
+    s += bf16_dot8(wq(m, base), xs[0], xs[1]);
+    s += bf16_dot8(wq(m, base + 1u), xs[2], xs[3]);
+    s += bf16_dot8(wq(m, base + 2u), xs[4], xs[5]);
+    s += bf16_dot8(wq(m, base + 3u), xs[6], xs[7]);
+    return s;
+#endif
+#if W_Q8_0
+    let b = r * L.x + kb;
+    let q0 = wq(m, b * 2u);
+    let q1 = wq(m, b * 2u + 1u);
+    var s = 0.0;
+    s += dot(i8x4(q0.x), xs[0]);
+    s += dot(i8x4(q0.y), xs[1]);
+    s += dot(i8x4(q0.z), xs[2]);
+    s += dot(i8x4(q0.w), xs[3]);
+    s += dot(i8x4(q1.x), xs[4]);
+    s += dot(i8x4(q1.y), xs[5]);
+    s += dot(i8x4(q1.z), xs[6]);
+    s += dot(i8x4(q1.w), xs[7]);
+    return w_d(m, b) * s;
+#endif
+#if W_Q4_0
+    let b = r * L.x + kb;
+    let q = wq(m, b);
+    let e = vec4<f32>(8.0);
+    var s = 0.0;
+    s += dot(lo4(q.x) - e, xs[0]) + dot(hi4(q.x) - e, xs[4]);
+    s += dot(lo4(q.y) - e, xs[1]) + dot(hi4(q.y) - e, xs[5]);
+    s += dot(lo4(q.z) - e, xs[2]) + dot(hi4(q.z) - e, xs[6]);
+    s += dot(lo4(q.w) - e, xs[3]) + dot(hi4(q.w) - e, xs[7]);
+    return w_d(m, b) * s;
+#endif
+#if W_Q4_1
+    let b = r * L.x + kb;
+    let q = wq(m, b);
+    var s = 0.0;
+    s += dot(lo4(q.x), xs[0]) + dot(hi4(q.x), xs[4]);
+    s += dot(lo4(q.y), xs[1]) + dot(hi4(q.y), xs[5]);
+    s += dot(lo4(q.z), xs[2]) + dot(hi4(q.z), xs[6]);
+    s += dot(lo4(q.w), xs[3]) + dot(hi4(q.w), xs[7]);
+    let dm = w_dm(m, b);
+    return dm.x * s + dm.y * xsum;
+#endif
+}
+
+#if W_BF16
+// Four words = eight bf16 values (low half first) against x elements 0..3 (a) and 4..7 (b).
+fn bf16_dot8(q: vec4<u32>, a: vec4<f32>, b: vec4<f32>) -> f32 {
+    let lo = bitcast<vec4<f32>>(q << vec4<u32>(16u));
+    let hi = bitcast<vec4<f32>>(q & vec4<u32>(0xffff0000u));
+    return dot(lo, vec4<f32>(a.x, a.z, b.x, b.z)) + dot(hi, vec4<f32>(a.y, a.w, b.y, b.w));
+}
+#endif
+
+// Tile loads (matmul): part p (0..3) of the 32 elements of row r at columns 32 * kb.., as two
+// runs of four values that belong at columns w_part_pos(p).x.. and w_part_pos(p).y.. of the
+// block. Columns at or past `cols` read as zero (float formats; quantized rows are whole blocks).
+fn w_part_pos(p: u32) -> vec2<u32> {
+#if W_Q4_0
+    return vec2<u32>(4u * p, 16u + 4u * p);
+#else
+#if W_Q4_1
+    return vec2<u32>(4u * p, 16u + 4u * p);
+#else
+    return vec2<u32>(8u * p, 8u * p + 4u);
+#endif
+#endif
+}
+
+fn w_part(m: u32, r: u32, kb: u32, p: u32, cols: u32) -> array<vec4<f32>, 2> {
+    let L = w_layout(m);
+#if W_Q8_0
+    let b = r * L.x + kb;
+    let w0 = ww(m, b * 8u + 2u * p);
+    let w1 = ww(m, b * 8u + 2u * p + 1u);
+    let d = w_d(m, b);
+    return array<vec4<f32>, 2>(d * i8x4(w0), d * i8x4(w1));
+#endif
+#if W_Q4_0
+    let b = r * L.x + kb;
+    let w = ww(m, b * 4u + p);
+    let d = w_d(m, b);
+    return array<vec4<f32>, 2>(d * (lo4(w) - vec4<f32>(8.0)), d * (hi4(w) - vec4<f32>(8.0)));
+#endif
+#if W_Q4_1
+    let b = r * L.x + kb;
+    let w = ww(m, b * 4u + p);
+    let dm = w_dm(m, b);
+    return array<vec4<f32>, 2>(dm.x * lo4(w) + dm.y, dm.x * hi4(w) + dm.y);
+#endif
+#if W_F32
+    let c0 = kb * 32u + 8u * p;
+    let base = r * L.x + c0;
+    if (c0 + 8u <= cols) {
+        return array<vec4<f32>, 2>(
+            bitcast<vec4<f32>>(vec4<u32>(ww(m, base), ww(m, base + 1u), ww(m, base + 2u), ww(m, base + 3u))),
+            bitcast<vec4<f32>>(vec4<u32>(ww(m, base + 4u), ww(m, base + 5u), ww(m, base + 6u), ww(m, base + 7u))));
+    }
+    return w_part_slow(m, r, c0, cols);
+#endif
+#if W_F16
+    let c0 = kb * 32u + 8u * p;
+    let base = r * L.x + (c0 >> 1u);
+    if (c0 + 8u <= cols) {
+        return array<vec4<f32>, 2>(
+            vec4<f32>(unpack2x16float(ww(m, base)), unpack2x16float(ww(m, base + 1u))),
+            vec4<f32>(unpack2x16float(ww(m, base + 2u)), unpack2x16float(ww(m, base + 3u))));
+    }
+    return w_part_slow(m, r, c0, cols);
+#endif
+#if W_BF16
+    let c0 = kb * 32u + 8u * p;
+    let base = r * L.x + (c0 >> 1u);
+    if (c0 + 8u <= cols) {
+        let q = vec4<u32>(ww(m, base), ww(m, base + 1u), ww(m, base + 2u), ww(m, base + 3u));
+        let lo = bitcast<vec4<f32>>(q << vec4<u32>(16u));
+        let hi = bitcast<vec4<f32>>(q & vec4<u32>(0xffff0000u));
+        return array<vec4<f32>, 2>(vec4<f32>(lo.x, hi.x, lo.y, hi.y), vec4<f32>(lo.z, hi.z, lo.w, hi.w));
+    }
+    return w_part_slow(m, r, c0, cols);
+#endif
+}
+
+// Eight elements from column c0 with those at or past `cols` zero (float formats, row ends).
+fn w_part_slow(m: u32, r: u32, c0: u32, cols: u32) -> array<vec4<f32>, 2> {
+    var v = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    for (var i = 0u; i < 8u; i++) {
+        if (c0 + i < cols) { v[i] = w_elem(m, r, c0 + i); }
+    }
+    return array<vec4<f32>, 2>(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
+}

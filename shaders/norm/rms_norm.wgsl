@@ -1,0 +1,67 @@
+// y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, one workgroup per row.
+
+struct Params { rows: u32, dim: u32, eps: f32, _pad: u32 }
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+const WG: u32 = 256u;
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+#if SUBGROUPS
+    @builtin(subgroup_size) sgs: u32,
+    @builtin(subgroup_invocation_id) sgl: u32,
+#endif
+) {
+#if !SUBGROUPS
+    let sgs = 1u;
+    let sgl = 0u;
+#endif
+    let row = wid.x + wid.y * 65535u;
+    if (row >= p.rows) { return; }
+    let base = row * p.dim;
+    var ss = 0.0;
+    for (var i = lid; i < p.dim; i += WG) {
+        let v = x[base + i];
+        ss += v * v;
+    }
+    let total = wg_sum(ss, lid, WG, sgs, sgl);
+    let scale = inverseSqrt(total / f32(p.dim) + p.eps);
+    for (var i = lid; i < p.dim; i += WG) {
+        y[base + i] = x[base + i] * scale * w[i];
+    }
+}
+
+// The step's last row only (row state[1] - 1), written to row 0 of y: the final norm before
+// the LM head, which needs just the last token's hidden state.
+@group(0) @binding(4) var<storage, read> state: array<u32>;
+
+@compute @workgroup_size(256)
+fn last_row(
+    @builtin(local_invocation_index) lid: u32,
+#if SUBGROUPS
+    @builtin(subgroup_size) sgs: u32,
+    @builtin(subgroup_invocation_id) sgl: u32,
+#endif
+) {
+#if !SUBGROUPS
+    let sgs = 1u;
+    let sgl = 0u;
+#endif
+    let base = (state[1] - 1u) * p.dim;
+    var ss = 0.0;
+    for (var i = lid; i < p.dim; i += WG) {
+        let v = x[base + i];
+        ss += v * v;
+    }
+    let total = wg_sum(ss, lid, WG, sgs, sgl);
+    let scale = inverseSqrt(total / f32(p.dim) + p.eps);
+    for (var i = lid; i < p.dim; i += WG) {
+        y[i] = x[base + i] * scale * w[i];
+    }
+}

@@ -1,0 +1,424 @@
+//! The LLaMA decoder on the GPU: weights, per-session buffers, and the recorded sequence of
+//! kernels for one step, readable top to bottom in [`Decoder::build`].
+//!
+//! A step processes `n` tokens (n = 1 when decoding, up to `chunk` when prefilling) at the
+//! positions the device-side step state names, appends their K/V to the cache, and ends with
+//! the sampler writing the next token back into the input slot. Everything is bound once when
+//! a session is created; a decode step records the same dispatches into one compute pass and
+//! submits once, reading back 4 bytes.
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, GpuBuffer};
+use crate::kernels::attention::{rope_table, AttentionKernels, AttnShape};
+use crate::kernels::embedding::Embedding;
+use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, MATMUL_TILE_T};
+use crate::kernels::rms_norm::RmsNorm;
+use crate::kernels::sampling::SamplingKernels;
+use crate::kernels::Bound;
+use crate::model::{ModelConfig, ModelFiles};
+use std::sync::Arc;
+
+/// One layer's weights on the GPU.
+pub struct LayerWeights {
+    pub attn_norm: GpuBuffer,
+    pub q: GpuMatrix,
+    pub k: GpuMatrix,
+    pub v: GpuMatrix,
+    pub o: GpuMatrix,
+    pub ffn_norm: GpuBuffer,
+    pub gate: GpuMatrix,
+    pub up: GpuMatrix,
+    pub down: GpuMatrix,
+}
+
+/// All weights on the GPU.
+pub struct Weights {
+    pub embed: GpuMatrix,
+    pub layers: Vec<LayerWeights>,
+    pub norm: GpuBuffer,
+    /// None when tied to the embedding.
+    pub lm_head: Option<GpuMatrix>,
+}
+
+impl Weights {
+    pub fn lm_head(&self) -> &GpuMatrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        let mut b = self.embed.bytes() + self.norm.size + self.lm_head.as_ref().map_or(0, |m| m.bytes());
+        for l in &self.layers {
+            b += l.attn_norm.size + l.ffn_norm.size;
+            b += [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|m| m.bytes()).sum::<u64>();
+        }
+        b
+    }
+
+    /// Uploads every tensor, reporting progress as (bytes done, bytes total).
+    pub fn upload(gpu: &Gpu, files: &ModelFiles, progress: &mut dyn FnMut(u64, u64)) -> Result<Weights> {
+        let total: u64 = files.tensors.values().map(|t| t.bytes().len() as u64).sum();
+        let mut done = 0u64;
+        let mut matrix = |name: &str| -> Result<GpuMatrix> {
+            let t = files
+                .tensors
+                .get(name)
+                .ok_or_else(|| Error::bad_model(&files.source, format!("missing tensor {name}")))?;
+            let m = GpuMatrix::upload(gpu, name, t.dtype, t.rows, t.cols, t.bytes())?;
+            done += t.bytes().len() as u64;
+            progress(done, total);
+            Ok(m)
+        };
+        let embed = matrix("model.embed_tokens.weight")?;
+        let c = &files.config;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}.");
+            layers.push(LayerWeights {
+                attn_norm: vector(gpu, files, &format!("{p}input_layernorm.weight"))?,
+                q: matrix(&format!("{p}self_attn.q_proj.weight"))?,
+                k: matrix(&format!("{p}self_attn.k_proj.weight"))?,
+                v: matrix(&format!("{p}self_attn.v_proj.weight"))?,
+                o: matrix(&format!("{p}self_attn.o_proj.weight"))?,
+                ffn_norm: vector(gpu, files, &format!("{p}post_attention_layernorm.weight"))?,
+                gate: matrix(&format!("{p}mlp.gate_proj.weight"))?,
+                up: matrix(&format!("{p}mlp.up_proj.weight"))?,
+                down: matrix(&format!("{p}mlp.down_proj.weight"))?,
+            });
+        }
+        let norm = vector(gpu, files, "model.norm.weight")?;
+        let lm_head = if files.tensors.contains_key("lm_head.weight") && !c.tie_word_embeddings {
+            Some(matrix("lm_head.weight")?)
+        } else {
+            None
+        };
+        progress(total, total);
+        Ok(Weights { embed, layers, norm, lm_head })
+    }
+}
+
+fn vector(gpu: &Gpu, files: &ModelFiles, name: &str) -> Result<GpuBuffer> {
+    let t = files.tensors.get(name).ok_or_else(|| Error::bad_model(&files.source, format!("missing tensor {name}")))?;
+    gpu.upload(name, &t.to_f32())
+}
+
+/// Every pipeline the decoder uses, built once per model.
+pub struct Kernels {
+    pub norm: RmsNorm,
+    pub embed: Embedding,
+    pub attn: AttentionKernels,
+    pub sampling: SamplingKernels,
+    /// Per weight format present in the model: (matvec store, matvec add, matvec swiglu,
+    /// matmul store, matmul add, matmul swiglu).
+    pub mat: Vec<(crate::model::quant::DType, MatKernels)>,
+}
+
+pub struct MatKernels {
+    pub mv: MatVec,
+    pub mv_add: MatVec,
+    pub mv_swiglu: MatVec,
+    pub mm: MatMul,
+    pub mm_add: MatMul,
+    pub mm_swiglu: MatMul,
+}
+
+impl Kernels {
+    pub fn new(gpu: &Gpu, weights: &Weights) -> Result<Kernels> {
+        let mut dtypes = vec![weights.embed.dtype, weights.lm_head().dtype];
+        for l in &weights.layers {
+            for m in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                dtypes.push(m.dtype);
+            }
+        }
+        dtypes.sort_by_key(|d| d.name());
+        dtypes.dedup();
+        let mut mat = vec![];
+        for d in dtypes {
+            mat.push((
+                d,
+                MatKernels {
+                    mv: MatVec::new(gpu, d, Epilogue::Store)?,
+                    mv_add: MatVec::new(gpu, d, Epilogue::Add)?,
+                    mv_swiglu: MatVec::new(gpu, d, Epilogue::SwiGlu)?,
+                    mm: MatMul::new(gpu, d, Epilogue::Store)?,
+                    mm_add: MatMul::new(gpu, d, Epilogue::Add)?,
+                    mm_swiglu: MatMul::new(gpu, d, Epilogue::SwiGlu)?,
+                },
+            ));
+        }
+        Ok(Kernels {
+            norm: RmsNorm::new(gpu)?,
+            embed: Embedding::new(gpu, weights.embed.dtype)?,
+            attn: AttentionKernels::new(gpu)?,
+            sampling: SamplingKernels::new(gpu)?,
+            mat,
+        })
+    }
+
+    fn mat(&self, m: &GpuMatrix) -> &MatKernels {
+        &self.mat.iter().find(|(d, _)| *d == m.dtype).expect("kernels for every dtype").1
+    }
+}
+
+/// Buffers of one session: activations for up to `chunk` tokens, the KV cache, step state.
+pub struct Buffers {
+    /// [0] position of the step's first token, [1] tokens in the step, [2] draws so far.
+    pub state: GpuBuffer,
+    /// Input token ids of the step; the sampler writes the next token to [0].
+    pub tokens: GpuBuffer,
+    pub x: GpuBuffer,
+    pub xn: GpuBuffer,
+    pub q: GpuBuffer,
+    pub k: GpuBuffer,
+    pub v: GpuBuffer,
+    pub attn: GpuBuffer,
+    pub ffn: GpuBuffer,
+    pub part: GpuBuffer,
+    pub last: GpuBuffer,
+    pub logits: GpuBuffer,
+    pub seen: GpuBuffer,
+    pub rope: GpuBuffer,
+    pub k_cache: Vec<GpuBuffer>,
+    pub v_cache: Vec<GpuBuffer>,
+    /// 4 bytes the CPU maps to read the sampled token.
+    pub readback: wgpu::Buffer,
+}
+
+/// Sizes a session is built for.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub max_ctx: u32,
+    /// Most tokens per prefill step.
+    pub chunk: u32,
+    /// Key ranges per query when decoding (flash-decoding splits).
+    pub decode_splits: u32,
+    /// Key ranges per query when prefilling.
+    pub prefill_splits: u32,
+}
+
+impl Plan {
+    pub fn new(gpu: &Gpu, c: &ModelConfig, max_ctx: u32) -> Plan {
+        // Enough splits to fill a GPU at long contexts, few enough that merging stays cheap.
+        let decode_splits = max_ctx.div_ceil(256).clamp(1, 32);
+        // The logits of a whole chunk must fit one binding (perplexity reads them all).
+        let by_logits = (gpu.caps.max_binding / (c.vocab_size as u64 * 4)).max(1) as u32;
+        let chunk = 256.min(by_logits).min(max_ctx).max(1);
+        Plan { max_ctx, chunk, decode_splits, prefill_splits: 1 }
+    }
+
+    pub fn shape(&self, c: &ModelConfig) -> AttnShape {
+        AttnShape {
+            n_heads: c.num_heads as u32,
+            n_kv: c.num_kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            max_ctx: self.max_ctx,
+        }
+    }
+
+    /// Bytes of the KV cache and of the activations.
+    pub fn kv_bytes(&self, c: &ModelConfig) -> u64 {
+        self.shape(c).cache_bytes() * 2 * c.num_layers as u64
+    }
+}
+
+impl Buffers {
+    pub fn new(gpu: &Gpu, c: &ModelConfig, plan: &Plan) -> Result<Buffers> {
+        let sh = plan.shape(c);
+        sh.check()?;
+        if sh.cache_bytes() > gpu.caps.max_binding {
+            let fits = gpu.caps.max_binding / (sh.n_kv as u64 * sh.head_dim as u64 * 2);
+            return Err(Error::OutOfMemory(format!(
+                "a context of {} tokens needs {:.1} MiB of keys per layer, more than one binding \
+                 of {} holds ({:.1} MiB); the largest context that fits is {fits} tokens",
+                plan.max_ctx,
+                sh.cache_bytes() as f64 / 1048576.0,
+                gpu.info.name,
+                gpu.caps.max_binding as f64 / 1048576.0
+            )));
+        }
+        let t = plan.chunk as u64;
+        let f = 4u64;
+        let hidden = c.hidden_size as u64;
+        let qd = (c.num_heads * c.head_dim) as u64;
+        let kvd = (c.num_kv_heads * c.head_dim) as u64;
+        let parts = sh.partial_floats(plan.chunk, plan.prefill_splits).max(sh.partial_floats(1, plan.decode_splits));
+        let mut k_cache = vec![];
+        let mut v_cache = vec![];
+        for i in 0..c.num_layers {
+            k_cache.push(gpu.storage(&format!("k cache {i}"), sh.cache_bytes())?);
+            v_cache.push(gpu.storage(&format!("v cache {i}"), sh.cache_bytes())?);
+        }
+        let inv_freq = c.rope_inv_freq();
+        Ok(Buffers {
+            state: gpu.storage("state", 16)?,
+            tokens: gpu.storage("tokens", t * 4)?,
+            x: gpu.storage("x", t * hidden * f)?,
+            xn: gpu.storage("xn", t * hidden * f)?,
+            q: gpu.storage("q", t * qd * f)?,
+            k: gpu.storage("k", t * kvd * f)?,
+            v: gpu.storage("v", t * kvd * f)?,
+            attn: gpu.storage("attn", t * qd * f)?,
+            ffn: gpu.storage("ffn", t * c.intermediate_size as u64 * f)?,
+            part: gpu.storage("partials", parts * f)?,
+            last: gpu.storage("last", hidden * f)?,
+            logits: gpu.storage("logits", t * c.vocab_size as u64 * f)?,
+            seen: gpu.storage("seen", (c.vocab_size as u64).div_ceil(32) * 4)?,
+            rope: gpu.upload("rope", &rope_table(&inv_freq, plan.max_ctx as usize))?,
+            k_cache,
+            v_cache,
+            readback: gpu.staging(4),
+        })
+    }
+}
+
+/// How a recorded dispatch sizes itself for a step of `n` tokens.
+type GroupsFn = Box<dyn Fn(u32) -> [u32; 3] + Send + Sync>;
+
+pub struct Dispatch {
+    pub bound: Bound,
+    pub groups: GroupsFn,
+}
+
+/// The recorded dispatches of a session.
+pub struct Decoder {
+    /// One decode step (n = 1): embed .. sample.
+    pub decode: Vec<Dispatch>,
+    /// One prefill step (n <= chunk): embed .. sample, the layers through matmul kernels.
+    pub prefill: Vec<Dispatch>,
+    /// Perplexity tail after the prefill layers: final norm of every row, LM head, NLL.
+    pub ppl_tail: Vec<Dispatch>,
+    pub prefill_layers_len: usize,
+    pub sample: usize,
+    pub nll_bound: usize,
+    pub nll_targets: GpuBuffer,
+    pub nll_out: GpuBuffer,
+}
+
+fn fixed(g: [u32; 3]) -> GroupsFn {
+    Box::new(move |_| g)
+}
+
+/// Matmul dispatches are bound for a whole chunk; a step of n tokens runs the token tiles
+/// that cover n (rows past n in the last tile compute values nothing reads).
+fn matmul_groups(g: [u32; 3]) -> GroupsFn {
+    Box::new(move |n| [n.div_ceil(MATMUL_TILE_T as u32), g[1], g[2]])
+}
+
+impl Decoder {
+    /// Records the whole step, top to bottom. `prefill` selects matmul (many tokens) or
+    /// matvec (one token) kernels; everything else is shared.
+    pub fn build(gpu: &Gpu, c: &ModelConfig, w: &Weights, k: &Kernels, b: &Buffers, plan: &Plan) -> Result<Decoder> {
+        let (decode, _) = Self::step(gpu, c, w, k, b, plan, false)?;
+        let (prefill, prefill_layers_len) = Self::step(gpu, c, w, k, b, plan, true)?;
+        let hidden = c.hidden_size as u32;
+        let vocab = c.vocab_size as u32;
+        let chunk = plan.chunk;
+        let nll_targets = gpu.storage("nll targets", chunk as u64 * 4)?;
+        let nll_out = gpu.storage("nll", chunk as u64 * 4)?;
+        let mut ppl_tail = vec![Dispatch {
+            bound: k.norm.bind(gpu, &b.x, &w.norm, &b.xn, chunk, hidden, c.rms_norm_eps),
+            groups: Box::new(crate::kernels::rms_norm::groups),
+        }];
+        let mk = k.mat(w.lm_head());
+        for (bound, g) in mk.mm.bind(gpu, w.lm_head(), &b.xn, 0, &b.logits, chunk as usize)? {
+            ppl_tail.push(Dispatch { bound, groups: matmul_groups(g) });
+        }
+        ppl_tail.push(Dispatch {
+            bound: k.sampling.bind_nll(gpu, chunk, vocab, &b.logits, &nll_targets, &nll_out),
+            groups: Box::new(|n| [n, 1, 1]),
+        });
+        let nll_bound = ppl_tail.len() - 1;
+        let sample = decode.len() - 1;
+        Ok(Decoder { decode, prefill, ppl_tail, prefill_layers_len, sample, nll_bound, nll_targets, nll_out })
+    }
+
+    fn step(
+        gpu: &Gpu,
+        c: &ModelConfig,
+        w: &Weights,
+        k: &Kernels,
+        b: &Buffers,
+        plan: &Plan,
+        prefill: bool,
+    ) -> Result<(Vec<Dispatch>, usize)> {
+        let sh = plan.shape(c);
+        let hidden = c.hidden_size as u32;
+        let rows = if prefill { plan.chunk } else { 1 };
+        let splits = if prefill { plan.prefill_splits } else { plan.decode_splits };
+        let mut steps: Vec<Dispatch> = vec![];
+        let push = |steps: &mut Vec<Dispatch>, bound: Bound, groups: GroupsFn| steps.push(Dispatch { bound, groups });
+        // Matrix products: matmul kernels for many tokens, matvec for one.
+        let matmul = |steps: &mut Vec<Dispatch>, m: &GpuMatrix, x: &GpuBuffer, y: &GpuBuffer, add: bool| -> Result<()> {
+            let mk = k.mat(m);
+            let list = match (prefill, add) {
+                (true, false) => mk.mm.bind(gpu, m, x, 0, y, rows as usize)?,
+                (true, true) => mk.mm_add.bind(gpu, m, x, 0, y, rows as usize)?,
+                (false, false) => mk.mv.bind(gpu, m, x, 0, y, 1)?,
+                (false, true) => mk.mv_add.bind(gpu, m, x, 0, y, 1)?,
+            };
+            for (bound, g) in list {
+                push(steps, bound, if prefill { matmul_groups(g) } else { fixed(g) });
+            }
+            Ok(())
+        };
+
+        // Token ids -> hidden states.
+        for (bound, _) in k.embed.bind(gpu, &w.embed, &b.tokens, 0, &b.x, rows as usize)? {
+            push(&mut steps, bound, Box::new(crate::kernels::groups_1d));
+        }
+        for (i, l) in w.layers.iter().enumerate() {
+            // Attention block: x += Wo · attention(rope(Wq·n(x)), cache + rope(Wk·n(x)), Wv·n(x))
+            push(&mut steps, k.norm.bind(gpu, &b.x, &l.attn_norm, &b.xn, rows, hidden, c.rms_norm_eps), Box::new(crate::kernels::rms_norm::groups));
+            matmul(&mut steps, &l.q, &b.xn, &b.q, false)?;
+            matmul(&mut steps, &l.k, &b.xn, &b.k, false)?;
+            matmul(&mut steps, &l.v, &b.xn, &b.v, false)?;
+            push(&mut steps, 
+                k.attn.bind_rope_kv(gpu, sh, &b.state, &b.rope, &b.q, &b.k, &b.v, &b.k_cache[i], &b.v_cache[i]),
+                Box::new(move |n| AttentionKernels::rope_groups(sh, n)),
+            );
+            push(&mut steps, 
+                k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, &b.k_cache[i], &b.v_cache[i], &b.part),
+                Box::new(move |n| AttentionKernels::attend_groups(sh, splits, n)),
+            );
+            push(&mut steps, 
+                k.attn.bind_merge(gpu, sh, splits, &b.state, &b.part, &b.attn),
+                Box::new(move |n| AttentionKernels::merge_groups(sh, n)),
+            );
+            matmul(&mut steps, &l.o, &b.attn, &b.x, true)?;
+            // Feed-forward block: x += Wdown · (silu(Wgate·n(x)) * Wup·n(x))
+            push(&mut steps, k.norm.bind(gpu, &b.x, &l.ffn_norm, &b.xn, rows, hidden, c.rms_norm_eps), Box::new(crate::kernels::rms_norm::groups));
+            let mk = k.mat(&l.gate);
+            if prefill {
+                for (bound, g) in mk.mm_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, rows as usize)? {
+                    push(&mut steps, bound, matmul_groups(g));
+                }
+            } else {
+                for (bound, g) in mk.mv_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, 1)? {
+                    push(&mut steps, bound, fixed(g));
+                }
+            }
+            matmul(&mut steps, &l.down, &b.ffn, &b.x, true)?;
+        }
+        // The last token's hidden state -> logits -> next token.
+        let layers_len = steps.len();
+        push(&mut steps, k.norm.bind_last(gpu, &b.state, &b.x, &w.norm, &b.last, hidden, c.rms_norm_eps), fixed([1, 1, 1]));
+        let lm = w.lm_head();
+        let mk = k.mat(lm);
+        for (bound, g) in mk.mv.bind(gpu, lm, &b.last, 0, &b.logits, 1)? {
+            push(&mut steps, bound, fixed(g));
+        }
+        push(&mut steps, 
+            k.sampling.bind_sample(gpu, c.vocab_size as u32, &b.logits, &b.seen, &b.state, &b.tokens),
+            fixed([1, 1, 1]),
+        );
+        Ok((steps, layers_len))
+    }
+}
+
+/// Records `dispatches` for a step of `n` tokens into one compute pass.
+pub fn record(pass: &mut wgpu::ComputePass<'_>, dispatches: &[Dispatch], n: u32) {
+    for d in dispatches {
+        d.bound.record(pass, (d.groups)(n));
+    }
+}
+
+pub type SharedGpu = Arc<Gpu>;

@@ -1,0 +1,405 @@
+//! Rotary embedding + KV append, causal attention as mergeable partials, and the merge.
+//!
+//! The KV cache holds, per layer, keys and values in f16 as `[n_kv][max_ctx][head_dim]`.
+//! The step's positions come from the device-side step state (`state[0]` = position of the
+//! first token, `state[1]` = token count), so the same bound kernels serve every step.
+
+use super::{Bound, REDUCE_WGSL};
+use crate::gpu::{Gpu, GpuBuffer, PipelineKey};
+use crate::Result;
+use std::sync::Arc;
+
+const KV_WGSL: &str = include_str!("../../shaders/attention/kv_store.wgsl");
+const ROPE_WGSL: &str = include_str!("../../shaders/attention/rope_kv.wgsl");
+const ATTEND_WGSL: &str = include_str!("../../shaders/attention/attend.wgsl");
+const MERGE_WGSL: &str = include_str!("../../shaders/attention/attn_merge.wgsl");
+
+/// Head shapes shared by the attention kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub n_heads: u32,
+    pub n_kv: u32,
+    pub head_dim: u32,
+    pub max_ctx: u32,
+}
+
+impl AttnShape {
+    /// Bytes of one layer's key (or value) cache.
+    pub fn cache_bytes(&self) -> u64 {
+        self.n_kv as u64 * self.max_ctx as u64 * self.head_dim as u64 * 2
+    }
+    /// Floats of the partials buffer for `n` queries and `splits` splits.
+    pub fn partial_floats(&self, n: u32, splits: u32) -> u64 {
+        n as u64 * self.n_heads as u64 * splits as u64 * (self.head_dim as u64 + 2)
+    }
+    /// What the kernels support: head_dim a multiple of 8 up to 256, heads a multiple of KV heads.
+    pub fn check(&self) -> Result<()> {
+        if self.head_dim % 8 != 0 || self.head_dim > 256 || self.head_dim == 0 {
+            return Err(crate::Error::Unsupported(format!(
+                "head_dim {} (attention kernels take multiples of 8 up to 256)",
+                self.head_dim
+            )));
+        }
+        if self.n_kv == 0 || self.n_heads % self.n_kv != 0 {
+            return Err(crate::Error::Unsupported(format!(
+                "{} heads over {} KV heads",
+                self.n_heads, self.n_kv
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RopeParams {
+    n_heads: u32,
+    n_kv: u32,
+    hd: u32,
+    max_ctx: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct AttendParams {
+    n_heads: u32,
+    n_kv: u32,
+    hd: u32,
+    max_ctx: u32,
+    n_splits: u32,
+    scale: f32,
+    _pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct MergeParams {
+    n_heads: u32,
+    hd: u32,
+    n_splits: u32,
+    _pad: u32,
+}
+
+/// cos/sin table `[max_ctx][head_dim / 2]` for the rope kernel. The angle is rounded to f32
+/// as the reference implementation computes it; cos and sin are taken in f64.
+pub fn rope_table(inv_freq: &[f32], max_ctx: usize) -> Vec<[f32; 2]> {
+    let mut t = Vec::with_capacity(max_ctx * inv_freq.len());
+    for pos in 0..max_ctx {
+        for &f in inv_freq {
+            let a = (pos as f32 * f) as f64;
+            t.push([a.cos() as f32, a.sin() as f32]);
+        }
+    }
+    t
+}
+
+pub struct AttentionKernels {
+    rope: Arc<wgpu::ComputePipeline>,
+    attend: Arc<wgpu::ComputePipeline>,
+    merge: Arc<wgpu::ComputePipeline>,
+}
+
+impl AttentionKernels {
+    pub fn new(gpu: &Gpu) -> Result<AttentionKernels> {
+        let f = gpu.flags();
+        Ok(AttentionKernels {
+            rope: gpu.pipeline(&PipelineKey::new("rope_kv", &[KV_WGSL, ROPE_WGSL], f))?,
+            attend: gpu.pipeline(&PipelineKey::new("attend", &[REDUCE_WGSL, KV_WGSL, ATTEND_WGSL], f))?,
+            merge: gpu.pipeline(&PipelineKey::new("attn_merge", &[MERGE_WGSL], f))?,
+        })
+    }
+
+    /// Rotates q [n, n_heads, hd] in place and k [n, n_kv, hd], appending k and v to the cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_rope_kv(
+        &self,
+        gpu: &Gpu,
+        sh: AttnShape,
+        state: &GpuBuffer,
+        rope: &GpuBuffer,
+        q: &GpuBuffer,
+        k: &GpuBuffer,
+        v: &GpuBuffer,
+        k_cache: &GpuBuffer,
+        v_cache: &GpuBuffer,
+    ) -> Bound {
+        let params = gpu.uniform(
+            "rope_kv",
+            &RopeParams { n_heads: sh.n_heads, n_kv: sh.n_kv, hd: sh.head_dim, max_ctx: sh.max_ctx },
+        );
+        let bind_group = gpu.bind_group(
+            &self.rope,
+            &[
+                params.binding(),
+                state.binding(),
+                rope.binding(),
+                q.binding(),
+                k.binding(),
+                v.binding(),
+                k_cache.binding(),
+                v_cache.binding(),
+            ],
+        );
+        Bound { pipeline: self.rope.clone(), bind_group, params: Some(params) }
+    }
+
+    pub fn rope_groups(sh: AttnShape, n: u32) -> [u32; 3] {
+        [n, sh.n_heads + sh.n_kv, 1]
+    }
+
+    /// Partials of the step's queries over the cache, `splits` key ranges per query.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_attend(
+        &self,
+        gpu: &Gpu,
+        sh: AttnShape,
+        splits: u32,
+        state: &GpuBuffer,
+        q: &GpuBuffer,
+        k_cache: &GpuBuffer,
+        v_cache: &GpuBuffer,
+        part: &GpuBuffer,
+    ) -> Bound {
+        let params = gpu.uniform(
+            "attend",
+            &AttendParams {
+                n_heads: sh.n_heads,
+                n_kv: sh.n_kv,
+                hd: sh.head_dim,
+                max_ctx: sh.max_ctx,
+                n_splits: splits,
+                scale: 1.0 / (sh.head_dim as f32).sqrt(),
+                _pad: [0; 2],
+            },
+        );
+        let bind_group = gpu.bind_group(
+            &self.attend,
+            &[params.binding(), state.binding(), q.binding(), k_cache.binding(), v_cache.binding(), part.binding()],
+        );
+        Bound { pipeline: self.attend.clone(), bind_group, params: Some(params) }
+    }
+
+    pub fn attend_groups(sh: AttnShape, splits: u32, n: u32) -> [u32; 3] {
+        [sh.n_heads, splits, n]
+    }
+
+    /// Merges partials into out [n, n_heads, hd].
+    pub fn bind_merge(
+        &self,
+        gpu: &Gpu,
+        sh: AttnShape,
+        splits: u32,
+        state: &GpuBuffer,
+        part: &GpuBuffer,
+        out: &GpuBuffer,
+    ) -> Bound {
+        let params = gpu.uniform(
+            "attn_merge",
+            &MergeParams { n_heads: sh.n_heads, hd: sh.head_dim, n_splits: splits, _pad: 0 },
+        );
+        let bind_group =
+            gpu.bind_group(&self.merge, &[params.binding(), state.binding(), part.binding(), out.binding()]);
+        Bound { pipeline: self.merge.clone(), bind_group, params: Some(params) }
+    }
+
+    pub fn merge_groups(sh: AttnShape, n: u32) -> [u32; 3] {
+        [sh.n_heads, n, 1]
+    }
+}
+
+/// Attention over a set of keys for one query head, before normalisation: running max `m`,
+/// denominator `l` (relative to `m`) and unnormalised output `o`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Partial {
+    pub m: f64,
+    pub l: f64,
+    pub o: Vec<f64>,
+}
+
+impl Partial {
+    pub fn empty(hd: usize) -> Partial {
+        Partial { m: f64::NEG_INFINITY, l: 0.0, o: vec![0.0; hd] }
+    }
+
+    /// Exact log-sum-exp merge of partials over disjoint key sets.
+    pub fn merge(&self, other: &Partial) -> Partial {
+        if other.l == 0.0 {
+            return self.clone();
+        }
+        if self.l == 0.0 {
+            return other.clone();
+        }
+        let m = self.m.max(other.m);
+        let (a, b) = ((self.m - m).exp(), (other.m - m).exp());
+        Partial {
+            m,
+            l: self.l * a + other.l * b,
+            o: self.o.iter().zip(&other.o).map(|(x, y)| x * a + y * b).collect(),
+        }
+    }
+
+    pub fn output(&self) -> Vec<f64> {
+        self.o.iter().map(|x| x / self.l).collect()
+    }
+}
+
+/// CPU reference: the partial of query `q` (already rotated, unscaled) over keys/values rows.
+pub fn partial_reference(q: &[f64], keys: &[Vec<f64>], values: &[Vec<f64>], scale: f64) -> Partial {
+    let hd = q.len();
+    let mut p = Partial::empty(hd);
+    for (k, v) in keys.iter().zip(values) {
+        let s: f64 = q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scale;
+        let one = Partial { m: s, l: 1.0, o: v.clone() };
+        p = p.merge(&one);
+    }
+    p
+}
+
+/// CPU reference of rotate-half RoPE at position `pos` (angles as the GPU table has them).
+pub fn rope_reference(x: &[f32], inv_freq: &[f32], pos: usize) -> Vec<f64> {
+    let half = x.len() / 2;
+    let mut out = vec![0f64; x.len()];
+    for i in 0..half {
+        let a = (pos as f32 * inv_freq[i]) as f64;
+        let (s, c) = a.sin_cos();
+        let (x0, x1) = (x[i] as f64, x[i + half] as f64);
+        out[i] = x0 * c - x1 * s;
+        out[i + half] = x1 * c + x0 * s;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::*;
+
+    fn f16r(v: f64) -> f64 {
+        half::f16::from_f64(v).to_f64()
+    }
+
+    /// Runs rope_kv + attend + merge for `n` new tokens after `past` cached ones (whose K/V
+    /// are written by earlier steps of the same kernels) and checks q rotation, the cache
+    /// contents and the attention output against f64 references.
+    fn check(gpu: &Gpu, sh: AttnShape, past: usize, n: usize, splits: u32, seed: u64) {
+        let k = AttentionKernels::new(gpu).unwrap();
+        let hd = sh.head_dim as usize;
+        let (nh, nkv) = (sh.n_heads as usize, sh.n_kv as usize);
+        let mut rng = Rng::new(seed);
+        let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32)).collect();
+        let rope = gpu.upload("rope", &rope_table(&inv_freq, sh.max_ctx as usize)).unwrap();
+        let total = past + n;
+        // Raw (unrotated) q/k/v for every position.
+        let qs = rng.vec(total * nh * hd, 1.0);
+        let ks = rng.vec(total * nkv * hd, 1.0);
+        let vs = rng.vec(total * nkv * hd, 1.0);
+        let kc = gpu.storage("kc", sh.cache_bytes()).unwrap();
+        let vc = gpu.storage("vc", sh.cache_bytes()).unwrap();
+        let state = gpu.storage("state", 16).unwrap();
+        let cap = n.max(past).max(1);
+        let qb = gpu.storage("q", (cap * nh * hd * 4) as u64).unwrap();
+        let kb = gpu.storage("k", (cap * nkv * hd * 4) as u64).unwrap();
+        let vb = gpu.storage("v", (cap * nkv * hd * 4) as u64).unwrap();
+        let part = gpu.storage("part", sh.partial_floats(cap as u32, splits) * 4).unwrap();
+        let out = gpu.storage("out", (cap * nh * hd * 4) as u64).unwrap();
+        let rb = k.bind_rope_kv(gpu, sh, &state, &rope, &qb, &kb, &vb, &kc, &vc);
+        let ab = k.bind_attend(gpu, sh, splits, &state, &qb, &kc, &vc, &part);
+        let mb = k.bind_merge(gpu, sh, splits, &state, &part, &out);
+        let step = |start: usize, cnt: usize| {
+            gpu.write(&state, 0, &[start as u32, cnt as u32, 0, 0]);
+            gpu.write(&qb, 0, &qs[start * nh * hd..(start + cnt) * nh * hd]);
+            gpu.write(&kb, 0, &ks[start * nkv * hd..(start + cnt) * nkv * hd]);
+            gpu.write(&vb, 0, &vs[start * nkv * hd..(start + cnt) * nkv * hd]);
+            crate::kernels::run_pass(gpu, |p| {
+                rb.record(p, AttentionKernels::rope_groups(sh, cnt as u32));
+                ab.record(p, AttentionKernels::attend_groups(sh, splits, cnt as u32));
+                mb.record(p, AttentionKernels::merge_groups(sh, cnt as u32));
+            })
+            .unwrap();
+        };
+        if past > 0 {
+            step(0, past);
+        }
+        step(past, n);
+        let what = format!("{sh:?} past {past} n {n} splits {splits} {:?}", gpu.flags());
+
+        // Rotated q of the new tokens.
+        let got_q: Vec<f32> = gpu.read(&qb, 0, n * nh * hd).unwrap();
+        let mut want_q = vec![];
+        for t in 0..n {
+            for h in 0..nh {
+                let b = ((past + t) * nh + h) * hd;
+                want_q.extend(rope_reference(&qs[b..b + hd], &inv_freq, past + t));
+            }
+        }
+        assert_close(&format!("rope q {what}"), &got_q, &want_q, 1e-5, 1e-5);
+
+        // Cache rows: rotated keys and values, rounded to f16.
+        let kcache: Vec<half::f16> = gpu.read(&kc, 0, (sh.cache_bytes() / 2) as usize).unwrap();
+        let vcache: Vec<half::f16> = gpu.read(&vc, 0, (sh.cache_bytes() / 2) as usize).unwrap();
+        let mut keys = vec![vec![]; nkv];
+        let mut vals = vec![vec![]; nkv];
+        for pos in 0..total {
+            for h in 0..nkv {
+                let b = (pos * nkv + h) * hd;
+                let kr = rope_reference(&ks[b..b + hd], &inv_freq, pos);
+                let row = (h * sh.max_ctx as usize + pos) * hd;
+                for d in 0..hd {
+                    assert!((kcache[row + d].to_f64() - f16r(kr[d])).abs() <= 1e-3 * (1.0 + kr[d].abs()), "k cache {what}");
+                    assert_eq!(vcache[row + d].to_f64(), f16r(vs[b + d] as f64), "v cache {what}");
+                }
+                keys[h].push(kr.iter().map(|&x| f16r(x)).collect::<Vec<_>>());
+                vals[h].push(vs[b..b + hd].iter().map(|&x| f16r(x as f64)).collect::<Vec<_>>());
+            }
+        }
+        // Attention output, causal.
+        let got: Vec<f32> = gpu.read(&out, 0, n * nh * hd).unwrap();
+        let mut want = vec![];
+        let group = nh / nkv;
+        for t in 0..n {
+            let pos = past + t;
+            for h in 0..nh {
+                let q = &want_q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+                let kh = h / group;
+                let p = partial_reference(q, &keys[kh][..=pos], &vals[kh][..=pos], 1.0 / (hd as f64).sqrt());
+                want.extend(p.output());
+            }
+        }
+        assert_close(&format!("attention {what}"), &got, &want, 2e-4, 2e-3);
+    }
+
+    #[test]
+    fn rope_attend_merge_match_reference() {
+        for gpu in variants() {
+            // Odd shapes: GQA, a single KV head, few and many splits, partial tiles.
+            check(gpu, AttnShape { n_heads: 4, n_kv: 2, head_dim: 8, max_ctx: 50 }, 0, 1, 1, 1);
+            check(gpu, AttnShape { n_heads: 3, n_kv: 1, head_dim: 24, max_ctx: 97 }, 30, 3, 5, 2);
+            check(gpu, AttnShape { n_heads: 2, n_kv: 2, head_dim: 16, max_ctx: 300 }, 0, 131, 2, 3);
+            // SmolLM2-135M decode and prefill shapes.
+            check(gpu, AttnShape { n_heads: 9, n_kv: 3, head_dim: 64, max_ctx: 400 }, 0, 37, 1, 4);
+            check(gpu, AttnShape { n_heads: 9, n_kv: 3, head_dim: 64, max_ctx: 400 }, 300, 1, 16, 5);
+        }
+        // Llama-3-8B head shape (32 heads over 8 KV heads, 128 dims), one variant per size.
+        let gpu = &variants()[0];
+        check(gpu, AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 600 }, 500, 1, 16, 6);
+        check(gpu, AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 600 }, 64, 9, 2, 7);
+    }
+
+    #[test]
+    fn merging_any_split_equals_attention_over_the_union() {
+        let mut rng = Rng::new(11);
+        let hd = 16;
+        let n = 37;
+        let q: Vec<f64> = rng.vec(hd, 2.0).iter().map(|&x| x as f64).collect();
+        let keys: Vec<Vec<f64>> = (0..n).map(|_| rng.vec(hd, 2.0).iter().map(|&x| x as f64).collect()).collect();
+        let vals: Vec<Vec<f64>> = (0..n).map(|_| rng.vec(hd, 1.0).iter().map(|&x| x as f64).collect()).collect();
+        let whole = partial_reference(&q, &keys, &vals, 0.25).output();
+        for cut in [0, 1, 17, 36, 37] {
+            let a = partial_reference(&q, &keys[..cut], &vals[..cut], 0.25);
+            let b = partial_reference(&q, &keys[cut..], &vals[cut..], 0.25);
+            for (x, y) in a.merge(&b).output().iter().zip(&whole) {
+                assert!((x - y).abs() < 1e-12);
+            }
+        }
+    }
+}

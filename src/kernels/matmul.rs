@@ -1,0 +1,787 @@
+//! Weight matrices on the GPU and the products with them.
+//!
+//! * [`GpuMatrix`]: a weight matrix `[rows, cols]` kept in its packed file format
+//!   ([`quant::pack_for_gpu`]), split into row chunks that each fit one storage binding.
+//! * [`MatVec`] (decode): `y[v] = W x[v]` for `n` vectors, with the residual add or SwiGLU fused.
+//! * [`MatMul`] (prefill): `Y[T, N] = X[T, K] W[N, K]^T`, tiled, same epilogues.
+//!
+//! Both bind one dispatch per chunk. The vector / token count lives in each chunk's parameter
+//! uniform: bind with an initial count, then [`MatVec::set_rows`] / [`MatMul::set_rows`]
+//! rewrite it (and the workgroup counts of the returned list) without new bind groups. Like
+//! any `queue.write_buffer`, the new count takes effect for the next submission as a whole.
+
+use super::Bound;
+use crate::gpu::{Gpu, GpuBuffer, PipelineKey};
+use crate::model::quant::{self, DType, GpuLayout};
+use crate::{Error, Result};
+use std::sync::Arc;
+
+pub(crate) const WEIGHTS_WGSL: &str = include_str!("../../shaders/matmul/weights.wgsl");
+const MATVEC_WGSL: &str = include_str!("../../shaders/matmul/matvec.wgsl");
+const MATMUL_WGSL: &str = include_str!("../../shaders/matmul/matmul.wgsl");
+
+/// The `#if` name that selects a weight format in `weights.wgsl`.
+pub(crate) fn w_define(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "W_F32",
+        DType::F16 => "W_F16",
+        DType::BF16 => "W_BF16",
+        DType::Q8_0 => "W_Q8_0",
+        DType::Q4_0 => "W_Q4_0",
+        DType::Q4_1 => "W_Q4_1",
+    }
+}
+
+/// Rows `row_start..row_start + rows` of a matrix, in one buffer (padded to 16 bytes).
+pub struct MatrixChunk {
+    pub buf: GpuBuffer,
+    pub row_start: usize,
+    pub rows: usize,
+    pub layout: GpuLayout,
+}
+
+/// A weight matrix `[rows, cols]` on the GPU in its packed format.
+pub struct GpuMatrix {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    pub chunks: Vec<MatrixChunk>,
+}
+
+/// Bytes of a chunk's buffer: the packed words padded to a multiple of 16 bytes (the kernels
+/// read 16-byte vectors).
+fn chunk_bytes(dtype: DType, rows: usize, cols: usize) -> u64 {
+    (GpuLayout::new(dtype, rows, cols).total_words as u64 * 4).next_multiple_of(16)
+}
+
+impl GpuMatrix {
+    /// Uploads a row-major `[rows, cols]` matrix given in its file byte layout (GGUF or
+    /// safetensors), split into row chunks that fit `gpu.caps.max_binding`.
+    pub fn upload(
+        gpu: &Gpu,
+        label: &str,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        file_bytes: &[u8],
+    ) -> Result<GpuMatrix> {
+        if rows == 0 || cols == 0 {
+            return Err(Error::InvalidArgument(format!("{label}: empty matrix {rows}x{cols}")));
+        }
+        let rb = dtype.row_bytes(cols).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{label}: {cols} columns do not divide into {} blocks of {}",
+                dtype.name(),
+                dtype.block_elems()
+            ))
+        })?;
+        let want = rows.checked_mul(rb).ok_or_else(|| Error::InvalidArgument(format!("{label}: too large")))?;
+        if file_bytes.len() != want {
+            return Err(Error::InvalidArgument(format!(
+                "{label}: {rows}x{cols} {} needs {want} bytes, got {}",
+                dtype.name(),
+                file_bytes.len()
+            )));
+        }
+        let limit = gpu.caps.max_binding.min(gpu.caps.max_buffer);
+        if chunk_bytes(dtype, 1, cols) > limit {
+            return Err(Error::OutOfMemory(format!(
+                "{label}: one row of {cols} {} values does not fit a binding of {} bytes on {}",
+                dtype.name(),
+                limit,
+                gpu.info.name
+            )));
+        }
+        let mut per = GpuLayout::rows_per_chunk(dtype, cols, limit).clamp(1, rows);
+        while per > 1 && chunk_bytes(dtype, per, cols) > limit {
+            per -= 1;
+        }
+        // The kernels index words with u32 and spread row groups over at most 65535 workgroups.
+        per = per.min(65535 * 4);
+        let mut chunks = Vec::new();
+        let mut row_start = 0;
+        while row_start < rows {
+            let n = per.min(rows - row_start);
+            let bytes = &file_bytes[row_start * rb..(row_start + n) * rb];
+            let mut words = quant::pack_for_gpu(dtype, n, cols, bytes);
+            words.resize(words.len().next_multiple_of(4), 0);
+            let name = if n == rows { label.to_string() } else { format!("{label}[{row_start}..]") };
+            let buf = gpu.upload(&name, &words)?;
+            chunks.push(MatrixChunk { buf, row_start, rows: n, layout: GpuLayout::new(dtype, n, cols) });
+            row_start += n;
+        }
+        Ok(GpuMatrix { dtype, rows, cols, chunks })
+    }
+
+    /// GPU memory held, in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.buf.size).sum()
+    }
+}
+
+/// What a product does with its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Epilogue {
+    /// `y = W x`.
+    Store,
+    /// `y += W x` (fuses the residual add).
+    Add,
+    /// `y = silu(G x) * (U x)` over two matrices of the same shape and type
+    /// (`bind_swiglu`).
+    SwiGlu,
+}
+
+impl Epilogue {
+    fn define(self) -> Option<&'static str> {
+        match self {
+            Epilogue::Store => None,
+            Epilogue::Add => Some("ADD"),
+            Epilogue::SwiGlu => Some("SWIGLU"),
+        }
+    }
+}
+
+/// Parameter uniform of matvec and matmul. `t` (vector / token count) comes first: `set_rows`
+/// rewrites just that word.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    pub t: u32,
+    pub k: u32,
+    pub rows: u32,
+    pub n_total: u32,
+    pub row_start: u32,
+    pub x_off: u32,
+    pub w_stride: u32,
+    pub w_scale: u32,
+}
+
+fn u32_of(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} = {v} does not fit u32")))
+}
+
+/// Checks shared by every bind; returns the matrices' common shape.
+fn check_operands(
+    kind: &str,
+    dtype: DType,
+    mats: &[&GpuMatrix],
+    x: &GpuBuffer,
+    x_offset: usize,
+    y: &GpuBuffer,
+    n: usize,
+) -> Result<()> {
+    let w = mats[0];
+    for m in mats {
+        if m.dtype != dtype {
+            return Err(Error::InvalidArgument(format!(
+                "{kind} built for {} got a {} matrix",
+                dtype.name(),
+                m.dtype.name()
+            )));
+        }
+        if m.rows != w.rows
+            || m.cols != w.cols
+            || m.chunks.len() != w.chunks.len()
+            || m.chunks.iter().zip(&w.chunks).any(|(a, b)| a.layout != b.layout || a.row_start != b.row_start)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{kind}: gate and up matrices differ in shape or chunking ({}x{} vs {}x{})",
+                w.rows, w.cols, m.rows, m.cols
+            )));
+        }
+    }
+    let x_end = n.checked_mul(w.cols).and_then(|v| v.checked_add(x_offset));
+    let y_end = n.checked_mul(w.rows);
+    match (x_end, y_end) {
+        (Some(xe), Some(ye)) if (xe as u64) * 4 <= x.size && (ye as u64) * 4 <= y.size => {
+            u32_of("x end", xe)?;
+            u32_of("y end", ye)?;
+            Ok(())
+        }
+        _ => Err(Error::InvalidArgument(format!(
+            "{kind}: {n} rows of [{}x{}] need x of {} floats from {x_offset} (buffer {} bytes) and y of {} floats (buffer {} bytes)",
+            w.rows,
+            w.cols,
+            n.saturating_mul(w.cols),
+            x.size,
+            n.saturating_mul(w.rows),
+            y.size
+        ))),
+    }
+}
+
+fn chunk_params(w: &GpuMatrix, c: &MatrixChunk, t: u32, x_off: u32) -> Params {
+    Params {
+        t,
+        k: w.cols as u32,
+        rows: c.rows as u32,
+        n_total: w.rows as u32,
+        row_start: c.row_start as u32,
+        x_off,
+        w_stride: c.layout.row_stride as u32,
+        w_scale: c.layout.scale_offset as u32,
+    }
+}
+
+fn write_t(queue: &wgpu::Queue, b: &Bound, t: u32) {
+    if let Some(u) = &b.params {
+        queue.write_buffer(&u.buffer, 0, bytemuck::bytes_of(&t));
+    }
+}
+
+/// Rows of the matrix one matvec workgroup computes.
+pub const MATVEC_ROWS: usize = 4;
+
+/// Decode product `y[v, :] = W x[v, :]` for `v < n` (x `[n, K]` from `x_offset` elements, y
+/// `[n, N]`), f32 vectors, weights in any [`DType`].
+pub struct MatVec {
+    dtype: DType,
+    epilogue: Epilogue,
+}
+
+impl MatVec {
+    pub fn new(gpu: &Gpu, dtype: DType, epilogue: Epilogue) -> Result<MatVec> {
+        let k = MatVec { dtype, epilogue };
+        // The fast path is what real models use; compile it now. The element-wise path (odd
+        // shapes) compiles on first bind.
+        gpu.pipeline(&k.key(gpu, true))?;
+        Ok(k)
+    }
+
+    fn key(&self, gpu: &Gpu, fast: bool) -> PipelineKey {
+        let mut key =
+            PipelineKey::new("matvec", &[WEIGHTS_WGSL, MATVEC_WGSL], gpu.flags()).define(w_define(self.dtype));
+        if let Some(d) = self.epilogue.define() {
+            key = key.define(d);
+        }
+        if fast {
+            key = key.define("XVEC");
+        }
+        key
+    }
+
+    /// Binds `y = W x` (or `y += W x` for [`Epilogue::Add`]): one dispatch per chunk of `w`,
+    /// each writing its rows of y.
+    pub fn bind(
+        &self,
+        gpu: &Gpu,
+        w: &GpuMatrix,
+        x: &GpuBuffer,
+        x_offset_elems: usize,
+        y: &GpuBuffer,
+        n: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        if self.epilogue == Epilogue::SwiGlu {
+            return Err(Error::InvalidArgument("a SwiGlu matvec binds with bind_swiglu".into()));
+        }
+        self.bind_all(gpu, &[w], x, x_offset_elems, y, n)
+    }
+
+    /// Binds `y = silu(G x) * (U x)`; g and u must have the same shape and type.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_swiglu(
+        &self,
+        gpu: &Gpu,
+        g: &GpuMatrix,
+        u: &GpuMatrix,
+        x: &GpuBuffer,
+        x_offset_elems: usize,
+        y: &GpuBuffer,
+        n: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        if self.epilogue != Epilogue::SwiGlu {
+            return Err(Error::InvalidArgument("bind_swiglu needs a matvec built with Epilogue::SwiGlu".into()));
+        }
+        self.bind_all(gpu, &[g, u], x, x_offset_elems, y, n)
+    }
+
+    fn bind_all(
+        &self,
+        gpu: &Gpu,
+        mats: &[&GpuMatrix],
+        x: &GpuBuffer,
+        x_offset: usize,
+        y: &GpuBuffer,
+        n: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        check_operands("matvec", self.dtype, mats, x, x_offset, y, n)?;
+        let w = mats[0];
+        let fast = w.cols.is_multiple_of(32) && x_offset.is_multiple_of(4);
+        let pipeline = gpu.pipeline(&self.key(gpu, fast))?;
+        let mut out = Vec::new();
+        for (ci, c) in w.chunks.iter().enumerate() {
+            let params = gpu.uniform("matvec", &chunk_params(w, c, n as u32, x_offset as u32));
+            let mut entries = vec![params.binding(), x.binding(), y.binding()];
+            for m in mats {
+                entries.push(m.chunks[ci].buf.binding());
+            }
+            let bind_group = gpu.bind_group(&pipeline, &entries);
+            let groups = [n as u32, c.rows.div_ceil(MATVEC_ROWS) as u32, 1];
+            out.push((Bound { pipeline: pipeline.clone(), bind_group, params: Some(params) }, groups));
+        }
+        Ok(out)
+    }
+
+    /// Changes the vector count of bound dispatches to `n` (at most the count they were bound
+    /// with: the buffers were checked for that).
+    pub fn set_rows(&self, queue: &wgpu::Queue, bound: &mut [(Bound, [u32; 3])], n: u32) {
+        for (b, g) in bound {
+            write_t(queue, b, n);
+            g[0] = n;
+        }
+    }
+}
+
+/// Token rows per matmul tile.
+pub const MATMUL_TILE_T: usize = 64;
+
+/// Prefill product `Y[t, :] = W X[t, :]` for `t < T` (X `[T, K]` from `x_offset` elements, Y
+/// `[T, N]`), tiled 64 x 64 (64 x 32 for SwiGLU) through workgroup memory.
+pub struct MatMul {
+    dtype: DType,
+    epilogue: Epilogue,
+    pipeline: Arc<wgpu::ComputePipeline>,
+}
+
+impl MatMul {
+    pub fn new(gpu: &Gpu, dtype: DType, epilogue: Epilogue) -> Result<MatMul> {
+        let mut key = PipelineKey::new("matmul", &[WEIGHTS_WGSL, MATMUL_WGSL], gpu.flags()).define(w_define(dtype));
+        if let Some(d) = epilogue.define() {
+            key = key.define(d);
+        }
+        Ok(MatMul { dtype, epilogue, pipeline: gpu.pipeline(&key)? })
+    }
+
+    fn tile_n(&self) -> usize {
+        if self.epilogue == Epilogue::SwiGlu {
+            32
+        } else {
+            64
+        }
+    }
+
+    /// Binds `Y = X W^T` (or `Y += X W^T`) for `t` tokens: one dispatch per chunk of `w`.
+    /// Bind with the largest token count the buffers hold; [`MatMul::set_rows`] lowers it.
+    pub fn bind(
+        &self,
+        gpu: &Gpu,
+        w: &GpuMatrix,
+        x: &GpuBuffer,
+        x_offset_elems: usize,
+        y: &GpuBuffer,
+        t: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        if self.epilogue == Epilogue::SwiGlu {
+            return Err(Error::InvalidArgument("a SwiGlu matmul binds with bind_swiglu".into()));
+        }
+        self.bind_all(gpu, &[w], x, x_offset_elems, y, t)
+    }
+
+    /// Binds `Y = silu(X G^T) * (X U^T)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_swiglu(
+        &self,
+        gpu: &Gpu,
+        g: &GpuMatrix,
+        u: &GpuMatrix,
+        x: &GpuBuffer,
+        x_offset_elems: usize,
+        y: &GpuBuffer,
+        t: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        if self.epilogue != Epilogue::SwiGlu {
+            return Err(Error::InvalidArgument("bind_swiglu needs a matmul built with Epilogue::SwiGlu".into()));
+        }
+        self.bind_all(gpu, &[g, u], x, x_offset_elems, y, t)
+    }
+
+    fn bind_all(
+        &self,
+        gpu: &Gpu,
+        mats: &[&GpuMatrix],
+        x: &GpuBuffer,
+        x_offset: usize,
+        y: &GpuBuffer,
+        t: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        check_operands("matmul", self.dtype, mats, x, x_offset, y, t)?;
+        let w = mats[0];
+        let mut out = Vec::new();
+        for (ci, c) in w.chunks.iter().enumerate() {
+            let params = gpu.uniform("matmul", &chunk_params(w, c, t as u32, x_offset as u32));
+            let mut entries = vec![params.binding(), x.binding(), y.binding()];
+            for m in mats {
+                entries.push(m.chunks[ci].buf.binding());
+            }
+            let bind_group = gpu.bind_group(&self.pipeline, &entries);
+            let groups = [t.div_ceil(MATMUL_TILE_T) as u32, c.rows.div_ceil(self.tile_n()) as u32, 1];
+            out.push((Bound { pipeline: self.pipeline.clone(), bind_group, params: Some(params) }, groups));
+        }
+        Ok(out)
+    }
+
+    /// Changes the token count of bound dispatches to `t` (at most the count they were bound
+    /// with).
+    pub fn set_rows(&self, queue: &wgpu::Queue, bound: &mut [(Bound, [u32; 3])], t: u32) {
+        for (b, g) in bound {
+            write_t(queue, b, t);
+            g[0] = t.div_ceil(MATMUL_TILE_T as u32);
+        }
+    }
+}
+
+/// CPU reference in f64: `y[t, n] = sum_k x[t, k] w[n, k]` with w `[n, k]` (already
+/// dequantized) and x `[t, k]`.
+pub fn reference(w: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f64> {
+    let t = x.len() / k;
+    let mut out = Vec::with_capacity(t * n);
+    for xr in x.chunks_exact(k) {
+        for wr in w[..n * k].chunks_exact(k) {
+            out.push(wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum());
+        }
+    }
+    out
+}
+
+/// CPU reference of the residual form: `y0 + x w^T`.
+pub fn reference_add(y0: &[f32], w: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f64> {
+    reference(w, x, n, k).iter().zip(y0).map(|(a, &b)| a + b as f64).collect()
+}
+
+pub fn silu(a: f64) -> f64 {
+    a / (1.0 + (-a).exp())
+}
+
+/// CPU reference of the SwiGLU form: `silu(x g^T) * (x u^T)`.
+pub fn reference_swiglu(g: &[f32], u: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f64> {
+    let a = reference(g, x, n, k);
+    let b = reference(u, x, n, k);
+    a.iter().zip(&b).map(|(&a, &b)| silu(a) * b).collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::kernels::{run_pass, testing::*};
+    use std::time::Instant;
+
+    /// Random weights with real quant structure: (file bytes, dequantized values).
+    pub(crate) fn weights(dtype: DType, rows: usize, cols: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+        let x = rng.vec(rows * cols, 1.0);
+        let q = quant::quantize(dtype, &x);
+        let d = quant::dequantize_vec(dtype, &q, rows * cols);
+        (q, d)
+    }
+
+    /// `sum |w| |x|` per output: the scale f32 rounding errors are relative to.
+    fn abs_scale(w: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f64> {
+        let wa: Vec<f32> = w[..n * k].iter().map(|v| v.abs()).collect();
+        let xa: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+        reference(&wa, &xa, n, k)
+    }
+
+    fn check(what: &str, got: &[f32], want: &[f64], scale: &[f64]) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for i in 0..got.len() {
+            let err = (got[i] as f64 - want[i]).abs();
+            let tol = 2e-6 * scale[i] + 1e-6 * want[i].abs() + 1e-30;
+            assert!(
+                err <= tol,
+                "{what}: element {i} of {}: got {} want {} (err {err:e}, tol {tol:e})",
+                got.len(),
+                got[i],
+                want[i]
+            );
+        }
+    }
+
+    /// Runs one product (matvec when `mm` is false, matmul when true) on `gpu` and compares
+    /// with the f64 reference.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_case(
+        gpu: &Gpu,
+        mm: bool,
+        dtype: DType,
+        epi: Epilogue,
+        n: usize,
+        k: usize,
+        t: usize,
+        x_off: usize,
+        seed: u64,
+    ) {
+        let mut rng = Rng::new(seed);
+        let (gq, gd) = weights(dtype, n, k, &mut rng);
+        let (uq, ud) = if epi == Epilogue::SwiGlu { weights(dtype, n, k, &mut rng) } else { (vec![], vec![]) };
+        let xall = rng.vec(x_off + t * k, 1.0);
+        let x = &xall[x_off..];
+        let y0 = rng.vec(t * n, 2.0);
+        let gm = GpuMatrix::upload(gpu, "g", dtype, n, k, &gq).unwrap();
+        let xb = gpu.upload("x", &xall).unwrap();
+        let yb = gpu.upload("y", &y0).unwrap();
+        let what = format!(
+            "{} {} {epi:?} N={n} K={k} T={t} x_off={x_off} chunks={} {:?}",
+            if mm { "matmul" } else { "matvec" },
+            dtype.name(),
+            gm.chunks.len(),
+            gpu.flags()
+        );
+        let bound = if epi == Epilogue::SwiGlu {
+            let um = GpuMatrix::upload(gpu, "u", dtype, n, k, &uq).unwrap();
+            let b = if mm {
+                MatMul::new(gpu, dtype, epi).unwrap().bind_swiglu(gpu, &gm, &um, &xb, x_off, &yb, t)
+            } else {
+                MatVec::new(gpu, dtype, epi).unwrap().bind_swiglu(gpu, &gm, &um, &xb, x_off, &yb, t)
+            };
+            b.unwrap()
+        } else if mm {
+            MatMul::new(gpu, dtype, epi).unwrap().bind(gpu, &gm, &xb, x_off, &yb, t).unwrap()
+        } else {
+            MatVec::new(gpu, dtype, epi).unwrap().bind(gpu, &gm, &xb, x_off, &yb, t).unwrap()
+        };
+        run_pass(gpu, |p| {
+            for (b, g) in &bound {
+                b.record(p, *g);
+            }
+        })
+        .unwrap();
+        let got: Vec<f32> = gpu.read(&yb, 0, t * n).unwrap();
+        let sg = abs_scale(&gd, x, n, k);
+        match epi {
+            Epilogue::Store => check(&what, &got, &reference(&gd, x, n, k), &sg),
+            Epilogue::Add => {
+                let s: Vec<f64> = sg.iter().zip(&y0).map(|(s, y)| s + y.abs() as f64).collect();
+                check(&what, &got, &reference_add(&y0, &gd, x, n, k), &s)
+            }
+            Epilogue::SwiGlu => {
+                let g = reference(&gd, x, n, k);
+                let u = reference(&ud, x, n, k);
+                let su = abs_scale(&ud, x, n, k);
+                // d(silu(g) u) <= 1.1 |u| dg + |g| du.
+                let s: Vec<f64> =
+                    (0..g.len()).map(|i| 1.1 * sg[i] * (u[i].abs() + su[i]) + (g[i].abs() + sg[i]) * su[i]).collect();
+                check(&what, &got, &reference_swiglu(&gd, &ud, x, n, k), &s)
+            }
+        }
+    }
+
+    const EPIS: [Epilogue; 3] = [Epilogue::Store, Epilogue::Add, Epilogue::SwiGlu];
+
+    /// (N, K, vectors / tokens, x offset) at odd sizes; K odd for float types and 32 * odd
+    /// for quantized ones; offsets that are not multiples of 4 take the element-wise matvec.
+    fn odd_shapes(dtype: DType, mm: bool) -> Vec<(usize, usize, usize, usize)> {
+        let t = |a: usize, b: usize| if mm { b } else { a };
+        if dtype.is_quantized() {
+            vec![
+                (1, 96, t(1, 1), 0),
+                (3, 416, t(2, 5), 4),
+                (37, 96, t(1, 67), 0),
+                (333, 416, t(1, 67), 8),
+                (37, 96, t(3, 5), 3),
+            ]
+        } else {
+            vec![
+                (1, 7, t(1, 1), 0),
+                (3, 333, t(2, 5), 5),
+                (37, 96, t(1, 67), 0),
+                (333, 7, t(3, 67), 0),
+                (333, 416, t(1, 5), 4),
+                (37, 96, t(2, 5), 1),
+            ]
+        }
+    }
+
+    #[test]
+    fn matvec_odd_sizes() {
+        let start = Instant::now();
+        for gpu in variants() {
+            for dtype in DType::ALL {
+                for epi in EPIS {
+                    for (i, (n, k, t, off)) in odd_shapes(dtype, false).into_iter().enumerate() {
+                        run_case(gpu, false, dtype, epi, n, k, t, off, i as u64 * 31 + n as u64);
+                    }
+                }
+            }
+        }
+        eprintln!("matvec_odd_sizes: {:?}", start.elapsed());
+    }
+
+    #[test]
+    fn matmul_odd_sizes() {
+        let start = Instant::now();
+        for gpu in variants() {
+            for dtype in DType::ALL {
+                for epi in EPIS {
+                    for (i, (n, k, t, off)) in odd_shapes(dtype, true).into_iter().enumerate() {
+                        run_case(gpu, true, dtype, epi, n, k, t, off, i as u64 * 17 + k as u64);
+                    }
+                }
+            }
+        }
+        eprintln!("matmul_odd_sizes: {:?}", start.elapsed());
+    }
+
+    /// SmolLM2-135M shapes, every dtype, variants and epilogues rotated.
+    #[test]
+    fn smollm_sizes() {
+        let start = Instant::now();
+        let vs = variants();
+        let mut i = 0;
+        for dtype in DType::ALL {
+            for (n, k) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
+                let gpu = &vs[i % vs.len()];
+                run_case(gpu, false, dtype, EPIS[i % 3], n, k, 1, 0, i as u64);
+                run_case(gpu, true, dtype, EPIS[(i + 1) % 3], n, k, 7, 0, i as u64 + 100);
+                i += 1;
+            }
+        }
+        eprintln!("smollm_sizes: {:?}", start.elapsed());
+    }
+
+    /// The SmolLM2 LM head (49152 x 576) for every dtype.
+    #[test]
+    fn smollm_lm_head() {
+        let start = Instant::now();
+        let vs = variants();
+        for (i, dtype) in DType::ALL.into_iter().enumerate() {
+            run_case(&vs[i % vs.len()], false, dtype, Epilogue::Store, 49152, 576, 1, 0, 7 + i as u64);
+        }
+        eprintln!("smollm_lm_head: {:?}", start.elapsed());
+    }
+
+    /// Llama-3-8B MLP shapes at decode (q4_0, f16), and one prefill matmul.
+    #[test]
+    fn llama8b_sizes() {
+        let start = Instant::now();
+        let vs = variants();
+        let mut i = 0;
+        for dtype in [DType::Q4_0, DType::F16] {
+            for (n, k, epi) in [(14336, 4096, Epilogue::Store), (4096, 14336, Epilogue::Add)] {
+                run_case(&vs[i % vs.len()], false, dtype, epi, n, k, 1, 0, 50 + i as u64);
+                i += 1;
+            }
+        }
+        run_case(&vs[0], true, DType::Q4_0, Epilogue::Store, 4096, 4096, 3, 0, 99);
+        eprintln!("llama8b_sizes: {:?}", start.elapsed());
+    }
+
+    /// A matrix split over several bindings gives the same products.
+    #[test]
+    fn split_matrix() {
+        let gpu = small_binding_gpu(16 * 1024);
+        for dtype in DType::ALL {
+            for (n, k) in [(333, 96), (77, 416)] {
+                let chunks = GpuMatrix::upload(&gpu, "w", dtype, n, k, &vec![0u8; dtype.row_bytes(k).unwrap() * n])
+                    .unwrap()
+                    .chunks
+                    .len();
+                assert!(chunks >= 2, "{dtype:?} {n}x{k} should split, got {chunks} chunk");
+                for (i, epi) in EPIS.into_iter().enumerate() {
+                    run_case(&gpu, false, dtype, epi, n, k, 2, 0, i as u64);
+                    run_case(&gpu, true, dtype, epi, n, k, 5, 0, i as u64 + 9);
+                }
+            }
+        }
+    }
+
+    /// `set_rows` changes the token / vector count without rebinding.
+    #[test]
+    fn set_rows_changes_count() {
+        let gpu = &variants()[0];
+        let (n, k, tmax, t) = (70, 96, 67, 5);
+        let mut rng = Rng::new(3);
+        let (wq, wd) = weights(DType::Q8_0, n, k, &mut rng);
+        let x = rng.vec(tmax * k, 1.0);
+        let w = GpuMatrix::upload(gpu, "w", DType::Q8_0, n, k, &wq).unwrap();
+        let xb = gpu.upload("x", &x).unwrap();
+        let want = reference(&wd, &x[..t * k], n, k);
+        let scale = abs_scale(&wd, &x[..t * k], n, k);
+        for mm in [false, true] {
+            let yb = gpu.upload("y", &vec![-7.0f32; tmax * n]).unwrap();
+            let mut bound = if mm {
+                let m = MatMul::new(gpu, DType::Q8_0, Epilogue::Store).unwrap();
+                let mut b = m.bind(gpu, &w, &xb, 0, &yb, tmax).unwrap();
+                m.set_rows(&gpu.queue, &mut b, t as u32);
+                b
+            } else {
+                let m = MatVec::new(gpu, DType::Q8_0, Epilogue::Store).unwrap();
+                let mut b = m.bind(gpu, &w, &xb, 0, &yb, tmax).unwrap();
+                m.set_rows(&gpu.queue, &mut b, t as u32);
+                b
+            };
+            run_pass(gpu, |p| bound.iter_mut().for_each(|(b, g)| b.record(p, *g))).unwrap();
+            let got: Vec<f32> = gpu.read(&yb, 0, tmax * n).unwrap();
+            check(&format!("set_rows mm={mm}"), &got[..t * n], &want, &scale);
+            assert!(got[t * n..].iter().all(|&v| v == -7.0), "rows past t were written");
+        }
+    }
+
+    /// Throughput on the real adapter (not lavapipe): `cargo test --release --lib
+    /// kernels::matmul::tests::bench -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench() {
+        let gpu = crate::gpu::Gpu::new(&Default::default()).unwrap();
+        eprintln!("{} {:?}", gpu.describe(), gpu.caps);
+        let time = |bound: &[(Bound, [u32; 3])], reps: usize| {
+            run_pass(&gpu, |p| bound.iter().for_each(|(b, g)| b.record(p, *g))).unwrap();
+            let start = Instant::now();
+            run_pass(&gpu, |p| {
+                for _ in 0..reps {
+                    bound.iter().for_each(|(b, g)| b.record(p, *g));
+                }
+            })
+            .unwrap();
+            start.elapsed().as_secs_f64() / reps as f64
+        };
+        let mut rng = Rng::new(1);
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::F16, DType::BF16, DType::F32] {
+            for (n, k) in [(14336, 4096), (4096, 14336), (4096, 4096), (128256, 4096), (576, 576)] {
+                let (q, _) = weights(dtype, n, k, &mut rng);
+                let w = GpuMatrix::upload(&gpu, "w", dtype, n, k, &q).unwrap();
+                let tmax = 512;
+                let x = gpu.upload("x", &rng.vec(tmax * k, 1.0)).unwrap();
+                let y = gpu.storage("y", (tmax * n * 4) as u64).unwrap();
+                let mv = MatVec::new(&gpu, dtype, Epilogue::Store).unwrap();
+                let b = mv.bind(&gpu, &w, &x, 0, &y, 1).unwrap();
+                let s = time(&b, 200);
+                let mut line = format!(
+                    "{:5} {n:6}x{k:5}: matvec {:7.1} us {:6.0} GB/s",
+                    dtype.name(),
+                    s * 1e6,
+                    w.bytes() as f64 / s / 1e9
+                );
+                if n * k <= 4096 * 14336 && n >= 4096 {
+                    let mm = MatMul::new(&gpu, dtype, Epilogue::Store).unwrap();
+                    let b = mm.bind(&gpu, &w, &x, 0, &y, tmax).unwrap();
+                    let s = time(&b, 10);
+                    line += &format!(
+                        " | matmul T={tmax} {:7.1} us {:5.1} TFLOP/s",
+                        s * 1e6,
+                        2.0 * (tmax * n * k) as f64 / s / 1e12
+                    );
+                }
+                eprintln!("{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn upload_rejects_bad_shapes() {
+        let gpu = &variants()[0];
+        let bad = |r: Result<GpuMatrix>| matches!(r, Err(Error::InvalidArgument(_)));
+        assert!(bad(GpuMatrix::upload(gpu, "w", DType::Q4_0, 2, 33, &[0; 100])));
+        assert!(bad(GpuMatrix::upload(gpu, "w", DType::Q4_0, 2, 32, &[0; 35])));
+        assert!(bad(GpuMatrix::upload(gpu, "w", DType::F16, 0, 32, &[])));
+        let w = GpuMatrix::upload(gpu, "w", DType::F16, 3, 5, &[0; 30]).unwrap();
+        assert_eq!(w.bytes(), 48); // 3 rows of 3 words, padded to 16 bytes
+        let x = gpu.storage("x", 4 * 5).unwrap();
+        let y = gpu.storage("y", 4 * 3).unwrap();
+        let mv = MatVec::new(gpu, DType::F16, Epilogue::Store).unwrap();
+        assert!(mv.bind(gpu, &w, &x, 0, &y, 1).is_ok());
+        assert!(mv.bind(gpu, &w, &x, 1, &y, 1).is_err());
+        assert!(mv.bind(gpu, &w, &x, 0, &y, 2).is_err());
+        assert!(MatVec::new(gpu, DType::Q4_0, Epilogue::Store).unwrap().bind(gpu, &w, &x, 0, &y, 1).is_err());
+        let tiny = small_binding_gpu(64);
+        assert!(matches!(GpuMatrix::upload(&tiny, "w", DType::F32, 1, 64, &[0; 256]), Err(Error::OutOfMemory(_))));
+    }
+}

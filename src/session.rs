@@ -1,0 +1,397 @@
+//! The public API: a loaded [`Model`] (shared, read-only) and [`Session`]s over it, each with
+//! its own KV cache, that prefill prompts, stream sampled tokens and measure perplexity.
+
+use crate::decoder::{record, Buffers, Decoder, Kernels, Plan, Weights};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, GpuOptions};
+use crate::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
+use crate::model::{ChatMessage, ChatTemplate, ModelConfig, ModelFiles, Tokenizer};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A model on the GPU: weights, pipelines, tokenizer and chat template.
+pub struct Model {
+    pub gpu: Arc<Gpu>,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub source: PathBuf,
+    weights: Weights,
+    kernels: Kernels,
+}
+
+impl Model {
+    /// Opens a GGUF file or Hugging Face directory and uploads it to a GPU chosen by `opts`.
+    pub fn load(path: impl AsRef<Path>, opts: &GpuOptions) -> Result<Arc<Model>> {
+        let gpu = Gpu::new(opts)?;
+        Model::load_on(gpu, path, &mut |_, _| {})
+    }
+
+    /// Uploads to a given GPU (e.g. one an app already owns), reporting (bytes done, total).
+    pub fn load_on(gpu: Arc<Gpu>, path: impl AsRef<Path>, progress: &mut dyn FnMut(u64, u64)) -> Result<Arc<Model>> {
+        let files = ModelFiles::open(path.as_ref())?;
+        let weights = Weights::upload(&gpu, &files, progress).map_err(|e| match e {
+            Error::OutOfMemory(m) => Error::OutOfMemory(format!(
+                "{m}. The model's weights take {:.1} MiB in their file format; try a smaller or \
+                 more quantized model",
+                files.tensors.values().map(|t| t.bytes().len() as f64).sum::<f64>() / 1048576.0
+            )),
+            e => e,
+        })?;
+        gpu.wait()?;
+        let kernels = Kernels::new(&gpu, &weights)?;
+        let template = files.chat_template_or_chatml();
+        Ok(Arc::new(Model {
+            gpu,
+            config: files.config,
+            tokenizer: files.tokenizer,
+            template,
+            source: files.source,
+            weights,
+            kernels,
+        }))
+    }
+
+    /// Bytes the weights take on the GPU.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weights.bytes()
+    }
+
+    /// Renders a conversation with the model's chat template and tokenizes it.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        self.tokenizer.encode(&text, false)
+    }
+}
+
+/// Options of a session.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Context length; default: the model's, capped at 8192.
+    pub max_ctx: Option<usize>,
+}
+
+/// What generation does besides sampling.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    /// Stop at the model's end-of-sequence tokens.
+    pub stop_at_eos: bool,
+    /// Set from another thread to stop after the current token.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { sampling: SamplingParams::default(), max_tokens: 256, stop_at_eos: true, stop: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Eos,
+    MaxTokens,
+    ContextFull,
+    Cancelled,
+}
+
+/// Timings and counts of one generation.
+#[derive(Debug, Clone)]
+pub struct GenerateStats {
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually computed (the rest were already in the cache).
+    pub prefilled_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+    pub stop: StopReason,
+}
+
+impl GenerateStats {
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prefilled_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+    /// Tokens per second after the first (which comes out of the prefill).
+    pub fn decode_tok_s(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Per-token negative log-likelihoods of a text.
+#[derive(Debug, Clone)]
+pub struct Perplexity {
+    /// nll[i] is -log p(token i+1 | tokens 0..=i).
+    pub nll: Vec<f32>,
+}
+
+impl Perplexity {
+    pub fn value(&self) -> f64 {
+        (self.nll.iter().map(|&x| x as f64).sum::<f64>() / self.nll.len().max(1) as f64).exp()
+    }
+}
+
+/// A conversation's KV cache and the recorded kernels that extend it.
+pub struct Session {
+    model: Arc<Model>,
+    plan: Plan,
+    bufs: Buffers,
+    dec: Decoder,
+    /// Token ids whose keys and values are in the cache, in order.
+    cached: Vec<u32>,
+    /// CPU copy of the repetition-penalty bitmap.
+    seen: Vec<u32>,
+}
+
+impl Session {
+    pub fn new(model: &Arc<Model>, opts: &SessionOptions) -> Result<Session> {
+        let c = &model.config;
+        let max_ctx = opts.max_ctx.unwrap_or(c.max_position_embeddings.min(8192)).max(1);
+        if max_ctx > c.max_position_embeddings {
+            return Err(Error::InvalidArgument(format!(
+                "context {max_ctx} is longer than the model's {}",
+                c.max_position_embeddings
+            )));
+        }
+        let gpu = &model.gpu;
+        let plan = Plan::new(gpu, c, max_ctx as u32);
+        let bufs = Buffers::new(gpu, c, &plan).map_err(|e| match e {
+            Error::OutOfMemory(m) => Error::OutOfMemory(format!(
+                "{m}. A context of {max_ctx} tokens needs {:.1} MiB of KV cache; a shorter \
+                 context (--ctx) needs proportionally less",
+                plan.kv_bytes(c) as f64 / 1048576.0
+            )),
+            e => e,
+        })?;
+        let dec = Decoder::build(gpu, c, &model.weights, &model.kernels, &bufs, &plan)?;
+        gpu.take_errors()?;
+        Ok(Session {
+            model: model.clone(),
+            plan,
+            bufs,
+            dec,
+            cached: vec![],
+            seen: vec![0; c.vocab_size.div_ceil(32)],
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+    pub fn max_ctx(&self) -> usize {
+        self.plan.max_ctx as usize
+    }
+    /// Tokens in the cache.
+    pub fn context_len(&self) -> usize {
+        self.cached.len()
+    }
+    /// Bytes of the KV cache (all on the GPU in the dense policy).
+    pub fn kv_bytes(&self) -> u64 {
+        self.plan.kv_bytes(&self.model.config)
+    }
+    /// Forgets the conversation.
+    pub fn reset(&mut self) {
+        self.cached.clear();
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let v = self.model.config.vocab_size as u32;
+        if let Some(&bad) = ids.iter().find(|&&t| t >= v) {
+            return Err(Error::InvalidArgument(format!("token id {bad} is outside the vocabulary ({v})")));
+        }
+        if ids.len() > self.max_ctx() {
+            return Err(Error::ContextFull { needed: ids.len(), limit: self.max_ctx() });
+        }
+        Ok(())
+    }
+
+    /// Makes the cache hold `ids`, computing only what differs from what it holds, and
+    /// samples the next token. Returns it and how many tokens were computed.
+    fn prefill(&mut self, ids: &[u32], sampling: &SamplingParams) -> Result<(u32, usize)> {
+        if ids.is_empty() {
+            return Err(Error::InvalidArgument("empty prompt".into()));
+        }
+        self.check_ids(ids)?;
+        let gpu = self.model.gpu.clone();
+        let common = self.cached.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        // At least the last token is computed: its logits give the next token.
+        let start = common.min(ids.len() - 1);
+        self.cached.truncate(start);
+        self.seen.iter_mut().for_each(|w| *w = 0);
+        for &t in ids {
+            self.seen[t as usize / 32] |= 1 << (t % 32);
+        }
+        gpu.write(&self.bufs.seen, 0, &self.seen);
+        let sample = &self.dec.decode[self.dec.sample].bound;
+        sample.set_params(&gpu.queue, &SampleParams::new(self.model.config.vocab_size as u32, sampling));
+        // The sampler bound in the prefill plan shares the parameters' meaning but has its own
+        // uniform.
+        let prefill_sample = &self.dec.prefill[self.dec.prefill.len() - 1].bound;
+        prefill_sample.set_params(&gpu.queue, &SampleParams::new(self.model.config.vocab_size as u32, sampling));
+        let chunk = self.plan.chunk as usize;
+        let mut pos = start;
+        let mut next = 0;
+        while pos < ids.len() {
+            let n = chunk.min(ids.len() - pos);
+            let last = pos + n == ids.len();
+            gpu.write(&self.bufs.tokens, 0, &ids[pos..pos + n]);
+            gpu.write(&self.bufs.state, 0, &[pos as u32, n as u32, 0, 0]);
+            let steps = if last { &self.dec.prefill[..] } else { &self.dec.prefill[..self.dec.prefill_layers_len] };
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                record(&mut pass, steps, n as u32);
+            }
+            if last {
+                enc.copy_buffer_to_buffer(&self.bufs.tokens.buffer, 0, &self.bufs.readback, 0, 4);
+            }
+            gpu.queue.submit([enc.finish()]);
+            if last {
+                let mut t = [0u32];
+                gpu.read_staging(&self.bufs.readback, &mut t)?;
+                next = t[0];
+            } else {
+                gpu.wait()?;
+            }
+            pos += n;
+        }
+        self.cached.extend_from_slice(&ids[start..]);
+        Ok((next, ids.len() - start))
+    }
+
+    /// Last-position logits after `ids` (inspection and tests; generation never reads them
+    /// back).
+    pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.prefill(ids, &SamplingParams::default())?;
+        self.model.gpu.read(&self.bufs.logits, 0, self.model.config.vocab_size)
+    }
+
+    /// Feeds the token the last step sampled and samples the next: one submit, 4 bytes back.
+    fn decode_step(&mut self, fed: u32) -> Result<u32> {
+        let gpu = &self.model.gpu;
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            record(&mut pass, &self.dec.decode, 1);
+        }
+        enc.copy_buffer_to_buffer(&self.bufs.tokens.buffer, 0, &self.bufs.readback, 0, 4);
+        gpu.queue.submit([enc.finish()]);
+        let mut t = [0u32];
+        gpu.read_staging(&self.bufs.readback, &mut t)?;
+        self.cached.push(fed);
+        Ok(t[0])
+    }
+
+    /// Continues the context `ids` (the whole conversation so far; what the cache already
+    /// holds is reused), calling `on_token(id, text)` for each new token; `on_token` returns
+    /// false to stop.
+    pub fn generate(
+        &mut self,
+        ids: &[u32],
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(u32, &str) -> bool,
+    ) -> Result<(Vec<u32>, GenerateStats)> {
+        opts.sampling.validate()?;
+        let t0 = Instant::now();
+        let (mut next, prefilled) = self.prefill(ids, &opts.sampling)?;
+        let prefill_time = t0.elapsed();
+        let t1 = Instant::now();
+        let model = self.model.clone();
+        let tok = &model.tokenizer;
+        let mut stream = tok.stream_decoder(true);
+        let mut out = vec![];
+        let stop = loop {
+            if opts.stop_at_eos && tok.is_eos(next) {
+                break StopReason::Eos;
+            }
+            out.push(next);
+            let text = stream.push(tok, next)?.unwrap_or_default();
+            if !on_token(next, &text) || opts.stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+                break StopReason::Cancelled;
+            }
+            if out.len() >= opts.max_tokens {
+                break StopReason::MaxTokens;
+            }
+            if self.cached.len() + 1 > self.max_ctx() {
+                break StopReason::ContextFull;
+            }
+            next = self.decode_step(next)?;
+            self.seen[next as usize / 32] |= 1 << (next % 32);
+        };
+        let rest = stream.flush(tok)?;
+        if !rest.is_empty() {
+            on_token(u32::MAX, &rest);
+        }
+        let stats = GenerateStats {
+            prompt_tokens: ids.len(),
+            prefilled_tokens: prefilled,
+            generated_tokens: out.len(),
+            prefill_time,
+            decode_time: t1.elapsed(),
+            stop,
+        };
+        Ok((out, stats))
+    }
+
+    /// One chat turn: renders `messages` with the model's template and generates the
+    /// assistant's reply, streaming its text to `on_text`.
+    pub fn chat(
+        &mut self,
+        messages: &[ChatMessage],
+        opts: &GenerateOptions,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<(String, GenerateStats)> {
+        let ids = self.model.chat_prompt(messages)?;
+        let (out, stats) = self.generate(&ids, opts, |_, t| on_text(t))?;
+        Ok((self.model.tokenizer.decode(&out, true)?, stats))
+    }
+
+    /// Per-token NLL of `ids`. A text longer than the context is cut into disjoint windows of
+    /// the context length, each evaluated from a fresh cache; the first token of every window
+    /// after the first is not scored (it has no prefix in its window).
+    pub fn perplexity(&mut self, ids: &[u32]) -> Result<Perplexity> {
+        if ids.len() < 2 {
+            return Err(Error::InvalidArgument("perplexity needs at least 2 tokens".into()));
+        }
+        let v = self.model.config.vocab_size as u32;
+        if let Some(&bad) = ids.iter().find(|&&t| t >= v) {
+            return Err(Error::InvalidArgument(format!("token id {bad} is outside the vocabulary ({v})")));
+        }
+        let gpu = self.model.gpu.clone();
+        let chunk = self.plan.chunk as usize;
+        let window = self.max_ctx();
+        let mut nll = Vec::with_capacity(ids.len() - 1);
+        self.cached.clear();
+        for win in ids.chunks(window) {
+            let mut pos = 0;
+            while pos < win.len() {
+                let n = chunk.min(win.len() - pos);
+                gpu.write(&self.bufs.tokens, 0, &win[pos..pos + n]);
+                gpu.write(&self.bufs.state, 0, &[pos as u32, n as u32, 0, 0]);
+                let targets: Vec<u32> = (0..n).map(|i| *win.get(pos + i + 1).unwrap_or(&0)).collect();
+                gpu.write(&self.dec.nll_targets, 0, &targets);
+                SamplingKernels::set_nll_rows(&self.dec.ppl_tail[self.dec.nll_bound].bound, &gpu.queue, n as u32, v);
+                let mut enc = gpu.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    record(&mut pass, &self.dec.prefill[..self.dec.prefill_layers_len], n as u32);
+                    record(&mut pass, &self.dec.ppl_tail, n as u32);
+                }
+                gpu.queue.submit([enc.finish()]);
+                let got: Vec<f32> = gpu.read(&self.dec.nll_out, 0, n)?;
+                let keep = if pos + n == win.len() { n - 1 } else { n };
+                nll.extend_from_slice(&got[..keep]);
+                pos += n;
+            }
+        }
+        self.cached.clear();
+        Ok(Perplexity { nll })
+    }
+}
+
+/// Messages of a one-turn chat.
+pub fn user_message(text: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage::new("user", text)]
+}
