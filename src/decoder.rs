@@ -198,7 +198,12 @@ pub struct Plan {
 impl Plan {
     pub fn new(gpu: &Gpu, c: &ModelConfig, max_ctx: u32) -> Plan {
         // Enough splits to fill a GPU at long contexts, few enough that merging stays cheap.
-        let decode_splits = max_ctx.div_ceil(256).clamp(1, 32);
+        // A CPU device (lavapipe) runs one workgroup per core at a time: one split per core.
+        let decode_splits = if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            std::thread::available_parallelism().map_or(2, |n| n.get() as u32).min(max_ctx.div_ceil(64)).clamp(1, 32)
+        } else {
+            max_ctx.div_ceil(256).clamp(1, 32)
+        };
         // The logits of a whole chunk must fit one binding (perplexity reads them all).
         let by_logits = (gpu.caps.max_binding / (c.vocab_size as u64 * 4)).max(1) as u32;
         let chunk = 256.min(by_logits).min(max_ctx).max(1);
@@ -347,19 +352,20 @@ impl Decoder {
         let mut steps: Vec<Dispatch> = vec![];
         let push = |steps: &mut Vec<Dispatch>, bound: Bound, groups: GroupsFn| steps.push(Dispatch { bound, groups });
         // Matrix products: matmul kernels for many tokens, matvec for one.
-        let matmul = |steps: &mut Vec<Dispatch>, m: &GpuMatrix, x: &GpuBuffer, y: &GpuBuffer, add: bool| -> Result<()> {
-            let mk = k.mat(m);
-            let list = match (prefill, add) {
-                (true, false) => mk.mm.bind(gpu, m, x, 0, y, rows as usize)?,
-                (true, true) => mk.mm_add.bind(gpu, m, x, 0, y, rows as usize)?,
-                (false, false) => mk.mv.bind(gpu, m, x, 0, y, 1)?,
-                (false, true) => mk.mv_add.bind(gpu, m, x, 0, y, 1)?,
+        let matmul =
+            |steps: &mut Vec<Dispatch>, m: &GpuMatrix, x: &GpuBuffer, y: &GpuBuffer, add: bool| -> Result<()> {
+                let mk = k.mat(m);
+                let list = match (prefill, add) {
+                    (true, false) => mk.mm.bind(gpu, m, x, 0, y, rows as usize)?,
+                    (true, true) => mk.mm_add.bind(gpu, m, x, 0, y, rows as usize)?,
+                    (false, false) => mk.mv.bind(gpu, m, x, 0, y, 1)?,
+                    (false, true) => mk.mv_add.bind(gpu, m, x, 0, y, 1)?,
+                };
+                for (bound, g) in list {
+                    push(steps, bound, if prefill { matmul_groups(g) } else { fixed(g) });
+                }
+                Ok(())
             };
-            for (bound, g) in list {
-                push(steps, bound, if prefill { matmul_groups(g) } else { fixed(g) });
-            }
-            Ok(())
-        };
 
         // Token ids -> hidden states.
         for (bound, _) in k.embed.bind(gpu, &w.embed, &b.tokens, 0, &b.x, rows as usize)? {
@@ -367,25 +373,36 @@ impl Decoder {
         }
         for (i, l) in w.layers.iter().enumerate() {
             // Attention block: x += Wo · attention(rope(Wq·n(x)), cache + rope(Wk·n(x)), Wv·n(x))
-            push(&mut steps, k.norm.bind(gpu, &b.x, &l.attn_norm, &b.xn, rows, hidden, c.rms_norm_eps), Box::new(crate::kernels::rms_norm::groups));
+            push(
+                &mut steps,
+                k.norm.bind(gpu, &b.x, &l.attn_norm, &b.xn, rows, hidden, c.rms_norm_eps),
+                Box::new(crate::kernels::rms_norm::groups),
+            );
             matmul(&mut steps, &l.q, &b.xn, &b.q, false)?;
             matmul(&mut steps, &l.k, &b.xn, &b.k, false)?;
             matmul(&mut steps, &l.v, &b.xn, &b.v, false)?;
-            push(&mut steps, 
+            push(
+                &mut steps,
                 k.attn.bind_rope_kv(gpu, sh, &b.state, &b.rope, &b.q, &b.k, &b.v, &b.k_cache[i], &b.v_cache[i]),
                 Box::new(move |n| AttentionKernels::rope_groups(sh, n)),
             );
-            push(&mut steps, 
+            push(
+                &mut steps,
                 k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, &b.k_cache[i], &b.v_cache[i], &b.part),
                 Box::new(move |n| AttentionKernels::attend_groups(sh, splits, n)),
             );
-            push(&mut steps, 
+            push(
+                &mut steps,
                 k.attn.bind_merge(gpu, sh, splits, &b.state, &b.part, &b.attn),
                 Box::new(move |n| AttentionKernels::merge_groups(sh, n)),
             );
             matmul(&mut steps, &l.o, &b.attn, &b.x, true)?;
             // Feed-forward block: x += Wdown · (silu(Wgate·n(x)) * Wup·n(x))
-            push(&mut steps, k.norm.bind(gpu, &b.x, &l.ffn_norm, &b.xn, rows, hidden, c.rms_norm_eps), Box::new(crate::kernels::rms_norm::groups));
+            push(
+                &mut steps,
+                k.norm.bind(gpu, &b.x, &l.ffn_norm, &b.xn, rows, hidden, c.rms_norm_eps),
+                Box::new(crate::kernels::rms_norm::groups),
+            );
             let mk = k.mat(&l.gate);
             if prefill {
                 for (bound, g) in mk.mm_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, rows as usize)? {
@@ -400,13 +417,18 @@ impl Decoder {
         }
         // The last token's hidden state -> logits -> next token.
         let layers_len = steps.len();
-        push(&mut steps, k.norm.bind_last(gpu, &b.state, &b.x, &w.norm, &b.last, hidden, c.rms_norm_eps), fixed([1, 1, 1]));
+        push(
+            &mut steps,
+            k.norm.bind_last(gpu, &b.state, &b.x, &w.norm, &b.last, hidden, c.rms_norm_eps),
+            fixed([1, 1, 1]),
+        );
         let lm = w.lm_head();
         let mk = k.mat(lm);
         for (bound, g) in mk.mv.bind(gpu, lm, &b.last, 0, &b.logits, 1)? {
             push(&mut steps, bound, fixed(g));
         }
-        push(&mut steps, 
+        push(
+            &mut steps,
             k.sampling.bind_sample(gpu, c.vocab_size as u32, &b.logits, &b.seen, &b.state, &b.tokens),
             fixed([1, 1, 1]),
         );

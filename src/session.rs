@@ -120,6 +120,15 @@ impl GenerateStats {
     }
 }
 
+/// Bytes of KV cache per memory tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvUsage {
+    pub gpu_bytes: u64,
+    pub host_bytes: u64,
+    /// The KV policy's name.
+    pub policy: &'static str,
+}
+
 /// Per-token negative log-likelihoods of a text.
 #[derive(Debug, Clone)]
 pub struct Perplexity {
@@ -167,14 +176,7 @@ impl Session {
         })?;
         let dec = Decoder::build(gpu, c, &model.weights, &model.kernels, &bufs, &plan)?;
         gpu.take_errors()?;
-        Ok(Session {
-            model: model.clone(),
-            plan,
-            bufs,
-            dec,
-            cached: vec![],
-            seen: vec![0; c.vocab_size.div_ceil(32)],
-        })
+        Ok(Session { model: model.clone(), plan, bufs, dec, cached: vec![], seen: vec![0; c.vocab_size.div_ceil(32)] })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -190,6 +192,11 @@ impl Session {
     /// Bytes of the KV cache (all on the GPU in the dense policy).
     pub fn kv_bytes(&self) -> u64 {
         self.plan.kv_bytes(&self.model.config)
+    }
+
+    /// Where the KV cache lives. The dense policy reserves the whole context on the GPU.
+    pub fn kv_usage(&self) -> KvUsage {
+        KvUsage { gpu_bytes: self.kv_bytes(), host_bytes: 0, policy: "dense f16" }
     }
     /// Forgets the conversation.
     pub fn reset(&mut self) {
@@ -286,7 +293,30 @@ impl Session {
 
     /// Continues the context `ids` (the whole conversation so far; what the cache already
     /// holds is reused), calling `on_token(id, text)` for each new token; `on_token` returns
-    /// false to stop.
+    /// false to stop. `opts.stop` stops it from another thread.
+    ///
+    /// ```
+    /// use longwave::{GenerateOptions, GpuOptions, Model, Session, SessionOptions, StopReason};
+    /// use std::sync::{atomic::{AtomicBool, Ordering}, Arc};
+    /// # let path = longwave::model::default_model_path();
+    /// let model = Model::load(&path, &GpuOptions::default())?;
+    /// // Two sessions share the loaded weights; each has its own KV cache.
+    /// let mut a = Session::new(&model, &SessionOptions { max_ctx: Some(256) })?;
+    /// let mut b = Session::new(&model, &SessionOptions { max_ctx: Some(256) })?;
+    /// let stop = Arc::new(AtomicBool::new(false));
+    /// let opts = GenerateOptions { max_tokens: 64, stop: Some(stop.clone()), ..Default::default() };
+    /// let ids = model.tokenizer.encode("Once upon a time", true)?;
+    /// let (out, stats) = a.generate(&ids, &opts, |_, _text| {
+    ///     // Any thread holding `stop` can end generation; here the callback does it.
+    ///     stop.store(true, Ordering::Relaxed);
+    ///     true
+    /// })?;
+    /// assert_eq!((out.len(), stats.stop), (1, StopReason::Cancelled));
+    /// let (out_b, _) = b.generate(&ids, &GenerateOptions { max_tokens: 3, ..Default::default() }, |_, _| true)?;
+    /// assert_eq!(out_b[0], out[0], "greedy sessions agree");
+    /// println!("{} tokens in context, {} KV bytes on the GPU", a.context_len(), a.kv_usage().gpu_bytes);
+    /// # Ok::<(), longwave::Error>(())
+    /// ```
     pub fn generate(
         &mut self,
         ids: &[u32],

@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn model() -> PathBuf {
-    let p = std::env::var_os("LONGWAVE_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(longwave::model::default_model_path);
+    let p =
+        std::env::var_os("LONGWAVE_TEST_MODEL").map(PathBuf::from).unwrap_or_else(longwave::model::default_model_path);
     assert!(p.is_file(), "default model missing at {}: run models/fetch_default.sh", p.display());
     p
 }

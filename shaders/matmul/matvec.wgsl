@@ -2,10 +2,14 @@
 //   y[v, row_start + r] = W[r, :] . x[x_off + v * k ..]        (Store)
 //   y[v, row_start + r] += W[r, :] . x[...]                    (ADD)
 //   y[v, row_start + r] = silu(W[r, :] . x) * (U[r, :] . x)    (SWIGLU)
-// for the rows r of one matrix chunk. Workgroup (v, g) computes rows 4g..4g+3 for vector v:
-// its 64 invocations each walk whole 32-element blocks (block kb = lid, lid + 64, ...), load the
-// x block once into registers and use it for all four rows, accumulate in f32, and the
-// workgroup reduces the four partial sums at the end (subgroups when available).
+// for the rows r of one matrix chunk.
+//
+// A workgroup of 64 invocations is split into segments of TPR invocations (a pipeline
+// constant: fewer for short rows, so that no invocation idles on a 576-wide row and the
+// workgroup still covers many rows); each segment computes R = 4 rows. Invocations walk whole
+// 32-element blocks (kb = lane, lane + TPR, ...), load the x block once for all four rows and
+// accumulate in f32; the segment then sums its lanes (subgroup shuffles within a subgroup, then
+// workgroup memory).
 // XVEC (cols % 32 == 0 and x_off % 4 == 0): the fast block path with 16-byte loads of x and W.
 // Without it, an element-wise path for any shape.
 
@@ -38,30 +42,33 @@ fn w_layout(m: u32) -> vec2<u32> {
 
 const WG: u32 = 64u;
 const R: u32 = 4u;
+// Invocations per row segment: a power of two, at most WG.
+override TPR: u32 = 64u;
 
 var<workgroup> red: array<vec4<f32>, 64>;
 
-// Sum of v over the workgroup, returned to every invocation.
-fn reduce4(v: vec4<f32>, lid: u32, sgs: u32, sgl: u32) -> vec4<f32> {
+// Sum of v over the TPR lanes of this invocation's segment; valid in lane 0.
+fn segment_sum(v: vec4<f32>, lid: u32, sgs: u32) -> vec4<f32> {
+    let base = lid - lid % TPR;
 #if SUBGROUPS
-    let s = subgroupAdd(v);
-    if (sgl == 0u) { red[lid / sgs] = s; }
+    // Lanes of one segment that share a subgroup first (segments are aligned powers of two,
+    // and so are subgroups), then one value per subgroup through workgroup memory.
+    let g = min(TPR, sgs);
+    var t = v;
+    for (var o = 1u; o < g; o <<= 1u) { t += subgroupShuffleXor(t, o); }
+    red[lid] = t;
     workgroupBarrier();
-    var t = vec4<f32>(0.0);
-    let nsg = (WG + sgs - 1u) / sgs;
-    for (var i = 0u; i < nsg; i++) { t += red[i]; }
-    workgroupBarrier();
-    return t;
+    var s = vec4<f32>(0.0);
+    for (var j = 0u; j < TPR; j += g) { s += red[base + j]; }
+    return s;
 #else
     red[lid] = v;
     workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) { red[lid] += red[lid + s]; }
+    for (var s = TPR / 2u; s > 0u; s >>= 1u) {
+        if (lid % TPR < s) { red[lid] += red[lid + s]; }
         workgroupBarrier();
     }
-    let t = red[0];
-    workgroupBarrier();
-    return t;
+    return red[base];
 #endif
 }
 
@@ -71,15 +78,14 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 #if SUBGROUPS
     @builtin(subgroup_size) sgs: u32,
-    @builtin(subgroup_invocation_id) sgl: u32,
 #endif
 ) {
 #if !SUBGROUPS
     let sgs = 1u;
-    let sgl = 0u;
 #endif
     let v = wid.x;
-    let row0 = wid.y * R;
+    let lane = lid % TPR;
+    let row0 = (wid.y * (WG / TPR) + lid / TPR) * R;
     var acc = vec4<f32>(0.0);
 #if SWIGLU
     var accu = vec4<f32>(0.0);
@@ -87,7 +93,7 @@ fn main(
 #if XVEC
     let nb = p.k / 32u;
     let xb = (p.x_off + v * p.k) / 4u;
-    for (var kb = lid; kb < nb; kb += WG) {
+    for (var kb = lane; kb < nb; kb += TPR) {
         let o = xb + kb * 8u;
         let xs = array<vec4<f32>, 8>(x[o], x[o + 1u], x[o + 2u], x[o + 3u], x[o + 4u], x[o + 5u], x[o + 6u], x[o + 7u]);
         let xsum = dot(((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7])), vec4<f32>(1.0));
@@ -103,7 +109,7 @@ fn main(
     }
 #else
     let xb = p.x_off + v * p.k;
-    for (var c = lid; c < p.k; c += WG) {
+    for (var c = lane; c < p.k; c += TPR) {
         let xv = x[xb + c];
         for (var r = 0u; r < R; r++) {
             let row = row0 + r;
@@ -116,24 +122,27 @@ fn main(
         }
     }
 #endif
-    let tot = reduce4(acc, lid, sgs, sgl);
+    let tot = segment_sum(acc, lid, sgs);
 #if SWIGLU
-    let totu = reduce4(accu, lid, sgs, sgl);
+    workgroupBarrier();
+    let totu = segment_sum(accu, lid, sgs);
 #endif
-    if (lid < R) {
-        let row = row0 + lid;
-        if (row < p.rows) {
-            let o = v * p.n_total + p.row_start + row;
-            let g = tot[lid];
+    if (lane == 0u) {
+        for (var r = 0u; r < R; r++) {
+            let row = row0 + r;
+            if (row < p.rows) {
+                let o = v * p.n_total + p.row_start + row;
+                let g = tot[r];
 #if SWIGLU
-            y[o] = g / (1.0 + exp(-g)) * totu[lid];
+                y[o] = g / (1.0 + exp(-g)) * totu[r];
 #else
 #if ADD
-            y[o] = y[o] + g;
+                y[o] = y[o] + g;
 #else
-            y[o] = g;
+                y[o] = g;
 #endif
 #endif
+            }
         }
     }
 }

@@ -258,7 +258,8 @@ fn run(cli: Cli) -> longwave::Result<()> {
             }
         }
         Cmd::Ppl { m, file } => {
-            let text = std::fs::read_to_string(&file).map_err(|e| longwave::Error::Io { path: file.clone(), source: e })?;
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| longwave::Error::Io { path: file.clone(), source: e })?;
             let model = m.load()?;
             let mut session = m.session(&model)?;
             let ids = model.tokenizer.encode(&text, true)?;
@@ -276,7 +277,10 @@ fn run(cli: Cli) -> longwave::Result<()> {
         Cmd::Info { m, adapters_only } => {
             for (i, a) in longwave::gpu::list_adapters().iter().enumerate() {
                 let info = a.get_info();
-                println!("adapter {i}: {} ({:?}, {:?}, driver {} {})", info.name, info.backend, info.device_type, info.driver, info.driver_info);
+                println!(
+                    "adapter {i}: {} ({:?}, {:?}, driver {} {})",
+                    info.name, info.backend, info.device_type, info.driver, info.driver_info
+                );
             }
             let gpu = Gpu::new(&m.gpu_options())?;
             println!("using: {}", gpu.describe());

@@ -20,9 +20,8 @@ impl Drop for GpuBuffer {
     }
 }
 
-const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
-    .union(wgpu::BufferUsages::COPY_DST)
-    .union(wgpu::BufferUsages::COPY_SRC);
+const STORAGE: wgpu::BufferUsages =
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
@@ -59,11 +58,9 @@ impl Gpu {
         let v = f();
         match pollster::block_on(scope.pop()) {
             None => Ok(v),
-            Some(e) => Err(Error::OutOfMemory(format!(
-                "allocating {label} ({:.1} MiB) on {}: {e}",
-                mib(size),
-                self.info.name
-            ))),
+            Some(e) => {
+                Err(Error::OutOfMemory(format!("allocating {label} ({:.1} MiB) on {}: {e}", mib(size), self.info.name)))
+            }
         }
     }
 
@@ -90,7 +87,7 @@ impl Gpu {
     /// A storage buffer holding `data`.
     pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<GpuBuffer> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        if bytes.len() < 4 || bytes.len() % 4 != 0 {
+        if bytes.len() < 4 || !bytes.len().is_multiple_of(4) {
             let mut padded = bytes.to_vec();
             padded.resize(bytes.len().max(4).next_multiple_of(4), 0);
             return self.upload(label, &padded);
@@ -140,9 +137,7 @@ impl Gpu {
             .map_err(|_| Error::Gpu("readback was dropped".into()))?
             .map_err(|e| Error::Gpu(format!("readback failed: {e}")))?;
         {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| Error::Gpu(format!("readback failed: {e:?}")))?;
+            let view = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("readback failed: {e:?}")))?;
             let dst: &mut [u8] = bytemuck::cast_slice_mut(out);
             dst.copy_from_slice(&view[..dst.len()]);
         }
@@ -152,7 +147,12 @@ impl Gpu {
 
     /// Reads `count` values of a storage buffer from `offset` bytes (tests and tools only;
     /// allocates a staging buffer).
-    pub fn read<T: bytemuck::Pod + Default + Clone>(&self, buf: &GpuBuffer, offset: u64, count: usize) -> Result<Vec<T>> {
+    pub fn read<T: bytemuck::Pod + Default + Clone>(
+        &self,
+        buf: &GpuBuffer,
+        offset: u64,
+        count: usize,
+    ) -> Result<Vec<T>> {
         let mut out = vec![T::default(); count];
         let bytes = (std::mem::size_of::<T>() * count) as u64;
         let staging = self.staging(bytes);

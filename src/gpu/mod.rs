@@ -129,6 +129,39 @@ impl Gpu {
         Gpu::from_adapter(&adapter, opts)
     }
 
+    /// Uses a device an application already owns (e.g. the one its renderer draws with).
+    /// The capability table is read from the device's enabled features and limits, so the
+    /// kernels use exactly what the app enabled: request `SHADER_F16` and `SUBGROUP` and the
+    /// adapter's limits when creating the device to get the fast paths.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Arc<Gpu> {
+        let features = device.features();
+        let limits = device.limits();
+        let device_errors = Arc::new(Mutex::new(Vec::new()));
+        let caps = Caps {
+            f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_min: info.subgroup_min_size,
+            subgroup_max: info.subgroup_max_size,
+            max_binding: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
+            max_buffer: limits.max_buffer_size,
+            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+            max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
+            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+        };
+        Arc::new(Gpu {
+            device,
+            queue,
+            info,
+            caps,
+            pipelines: Mutex::new(HashMap::new()),
+            device_errors,
+            allocated: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            memory_budget: None,
+        })
+    }
+
     pub fn from_adapter(adapter: &wgpu::Adapter, opts: &GpuOptions) -> Result<Arc<Gpu>> {
         let info = adapter.get_info();
         let features = adapter.features();

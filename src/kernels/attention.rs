@@ -34,17 +34,14 @@ impl AttnShape {
     }
     /// What the kernels support: head_dim a multiple of 8 up to 256, heads a multiple of KV heads.
     pub fn check(&self) -> Result<()> {
-        if self.head_dim % 8 != 0 || self.head_dim > 256 || self.head_dim == 0 {
+        if !self.head_dim.is_multiple_of(8) || self.head_dim > 256 || self.head_dim == 0 {
             return Err(crate::Error::Unsupported(format!(
                 "head_dim {} (attention kernels take multiples of 8 up to 256)",
                 self.head_dim
             )));
         }
-        if self.n_kv == 0 || self.n_heads % self.n_kv != 0 {
-            return Err(crate::Error::Unsupported(format!(
-                "{} heads over {} KV heads",
-                self.n_heads, self.n_kv
-            )));
+        if self.n_kv == 0 || !self.n_heads.is_multiple_of(self.n_kv) {
+            return Err(crate::Error::Unsupported(format!("{} heads over {} KV heads", self.n_heads, self.n_kv)));
         }
         Ok(())
     }
@@ -110,7 +107,6 @@ impl AttentionKernels {
     }
 
     /// Rotates q [n, n_heads, hd] in place and k [n, n_kv, hd], appending k and v to the cache.
-    #[allow(clippy::too_many_arguments)]
     pub fn bind_rope_kv(
         &self,
         gpu: &Gpu,
@@ -148,7 +144,6 @@ impl AttentionKernels {
     }
 
     /// Partials of the step's queries over the cache, `splits` key ranges per query.
-    #[allow(clippy::too_many_arguments)]
     pub fn bind_attend(
         &self,
         gpu: &Gpu,
@@ -193,10 +188,8 @@ impl AttentionKernels {
         part: &GpuBuffer,
         out: &GpuBuffer,
     ) -> Bound {
-        let params = gpu.uniform(
-            "attn_merge",
-            &MergeParams { n_heads: sh.n_heads, hd: sh.head_dim, n_splits: splits, _pad: 0 },
-        );
+        let params =
+            gpu.uniform("attn_merge", &MergeParams { n_heads: sh.n_heads, hd: sh.head_dim, n_splits: splits, _pad: 0 });
         let bind_group =
             gpu.bind_group(&self.merge, &[params.binding(), state.binding(), part.binding(), out.binding()]);
         Bound { pipeline: self.merge.clone(), bind_group, params: Some(params) }
@@ -231,11 +224,7 @@ impl Partial {
         }
         let m = self.m.max(other.m);
         let (a, b) = ((self.m - m).exp(), (other.m - m).exp());
-        Partial {
-            m,
-            l: self.l * a + other.l * b,
-            o: self.o.iter().zip(&other.o).map(|(x, y)| x * a + y * b).collect(),
-        }
+        Partial { m, l: self.l * a + other.l * b, o: self.o.iter().zip(&other.o).map(|(x, y)| x * a + y * b).collect() }
     }
 
     pub fn output(&self) -> Vec<f64> {
@@ -345,7 +334,10 @@ mod tests {
                 let kr = rope_reference(&ks[b..b + hd], &inv_freq, pos);
                 let row = (h * sh.max_ctx as usize + pos) * hd;
                 for d in 0..hd {
-                    assert!((kcache[row + d].to_f64() - f16r(kr[d])).abs() <= 1e-3 * (1.0 + kr[d].abs()), "k cache {what}");
+                    assert!(
+                        (kcache[row + d].to_f64() - f16r(kr[d])).abs() <= 1e-3 * (1.0 + kr[d].abs()),
+                        "k cache {what}"
+                    );
                     assert_eq!(vcache[row + d].to_f64(), f16r(vs[b + d] as f64), "v cache {what}");
                 }
                 keys[h].push(kr.iter().map(|&x| f16r(x)).collect::<Vec<_>>());

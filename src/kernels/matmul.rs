@@ -160,7 +160,7 @@ fn u32_of(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} = {v} does not fit u32")))
 }
 
-/// Checks shared by every bind; returns the matrices' common shape.
+/// Checks shared by every bind: types, matching gate/up shapes, buffer sizes, u32 indices.
 fn check_operands(
     kind: &str,
     dtype: DType,
@@ -229,8 +229,17 @@ fn write_t(queue: &wgpu::Queue, b: &Bound, t: u32) {
     }
 }
 
-/// Rows of the matrix one matvec workgroup computes.
+/// Rows of the matrix one matvec row segment computes.
 pub const MATVEC_ROWS: usize = 4;
+
+/// Invocations that share one row in the matvec: about one 32-element block (fast path) or
+/// 32 elements (element-wise path) each, a power of two from 4 to 64. Short rows thus get
+/// more rows per workgroup instead of idle invocations.
+pub fn threads_per_row(cols: usize, fast: bool) -> u32 {
+    let units = if fast { cols / 32 } else { cols.div_ceil(32) };
+    let p = if units <= 1 { 1 } else { 1usize << (usize::BITS - 1 - units.leading_zeros()) };
+    p.clamp(4, 64) as u32
+}
 
 /// Decode product `y[v, :] = W x[v, :]` for `v < n` (x `[n, K]` from `x_offset` elements, y
 /// `[n, N]`), f32 vectors, weights in any [`DType`].
@@ -244,11 +253,11 @@ impl MatVec {
         let k = MatVec { dtype, epilogue };
         // The fast path is what real models use; compile it now. The element-wise path (odd
         // shapes) compiles on first bind.
-        gpu.pipeline(&k.key(gpu, true))?;
+        gpu.pipeline(&k.key(gpu, true, 64))?;
         Ok(k)
     }
 
-    fn key(&self, gpu: &Gpu, fast: bool) -> PipelineKey {
+    fn key(&self, gpu: &Gpu, fast: bool, tpr: u32) -> PipelineKey {
         let mut key =
             PipelineKey::new("matvec", &[WEIGHTS_WGSL, MATVEC_WGSL], gpu.flags()).define(w_define(self.dtype));
         if let Some(d) = self.epilogue.define() {
@@ -257,7 +266,7 @@ impl MatVec {
         if fast {
             key = key.define("XVEC");
         }
-        key
+        key.constant("TPR", tpr)
     }
 
     /// Binds `y = W x` (or `y += W x` for [`Epilogue::Add`]): one dispatch per chunk of `w`,
@@ -278,7 +287,6 @@ impl MatVec {
     }
 
     /// Binds `y = silu(G x) * (U x)`; g and u must have the same shape and type.
-    #[allow(clippy::too_many_arguments)]
     pub fn bind_swiglu(
         &self,
         gpu: &Gpu,
@@ -307,7 +315,8 @@ impl MatVec {
         check_operands("matvec", self.dtype, mats, x, x_offset, y, n)?;
         let w = mats[0];
         let fast = w.cols.is_multiple_of(32) && x_offset.is_multiple_of(4);
-        let pipeline = gpu.pipeline(&self.key(gpu, fast))?;
+        let tpr = threads_per_row(w.cols, fast);
+        let pipeline = gpu.pipeline(&self.key(gpu, fast, tpr))?;
         let mut out = Vec::new();
         for (ci, c) in w.chunks.iter().enumerate() {
             let params = gpu.uniform("matvec", &chunk_params(w, c, n as u32, x_offset as u32));
@@ -316,7 +325,8 @@ impl MatVec {
                 entries.push(m.chunks[ci].buf.binding());
             }
             let bind_group = gpu.bind_group(&pipeline, &entries);
-            let groups = [n as u32, c.rows.div_ceil(MATVEC_ROWS) as u32, 1];
+            let rows_per_group = MATVEC_ROWS * (64 / tpr as usize);
+            let groups = [n as u32, c.rows.div_ceil(rows_per_group) as u32, 1];
             out.push((Bound { pipeline: pipeline.clone(), bind_group, params: Some(params) }, groups));
         }
         Ok(out)
@@ -378,7 +388,6 @@ impl MatMul {
     }
 
     /// Binds `Y = silu(X G^T) * (X U^T)`.
-    #[allow(clippy::too_many_arguments)]
     pub fn bind_swiglu(
         &self,
         gpu: &Gpu,
@@ -497,7 +506,6 @@ pub(crate) mod tests {
 
     /// Runs one product (matvec when `mm` is false, matmul when true) on `gpu` and compares
     /// with the f64 reference.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_case(
         gpu: &Gpu,
         mm: bool,

@@ -38,12 +38,19 @@ impl RmsNorm {
 impl RmsNorm {
     /// Binds the norm of the step's last row (row `state[1] - 1` of x) into y [dim]; one
     /// workgroup.
-    pub fn bind_last(&self, gpu: &Gpu, state: &GpuBuffer, x: &GpuBuffer, w: &GpuBuffer, y: &GpuBuffer, dim: u32, eps: f32) -> Bound {
+    pub fn bind_last(
+        &self,
+        gpu: &Gpu,
+        state: &GpuBuffer,
+        x: &GpuBuffer,
+        w: &GpuBuffer,
+        y: &GpuBuffer,
+        dim: u32,
+        eps: f32,
+    ) -> Bound {
         let params = gpu.uniform("rms_norm_last", &Params { rows: 1, dim, eps, _pad: 0 });
-        let bind_group = gpu.bind_group(
-            &self.last_row,
-            &[params.binding(), x.binding(), w.binding(), y.binding(), state.binding()],
-        );
+        let bind_group =
+            gpu.bind_group(&self.last_row, &[params.binding(), x.binding(), w.binding(), y.binding(), state.binding()]);
         Bound { pipeline: self.last_row.clone(), bind_group, params: Some(params) }
     }
 }

@@ -176,7 +176,15 @@ pub fn reference_distribution(logits: &[f32], seen: &[bool], s: &SamplingParams)
 pub fn reference_greedy(logits: &[f32], seen: &[bool], penalty: f32) -> u32 {
     let mut best = (f32::NEG_INFINITY, 0usize);
     for (i, (&l, &s)) in logits.iter().zip(seen).enumerate() {
-        let v = if penalty != 1.0 && s { if l > 0.0 { l / penalty } else { l * penalty } } else { l };
+        let v = if penalty != 1.0 && s {
+            if l > 0.0 {
+                l / penalty
+            } else {
+                l * penalty
+            }
+        } else {
+            l
+        };
         if v > best.0 {
             best = (v, i);
         }

@@ -62,15 +62,10 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64)
     let mut worst = (0.0f64, 0usize);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let r = (g as f64 - w).abs() / (atol + rtol * w.abs());
-        if !(r <= worst.0) {
+        if r.is_nan() || r > worst.0 {
             worst = (r, i);
         }
     }
     let i = worst.1;
-    assert!(
-        worst.0 <= 1.0,
-        "{what}: element {i}: got {} want {} (atol {atol}, rtol {rtol})",
-        got[i],
-        want[i]
-    );
+    assert!(worst.0 <= 1.0, "{what}: element {i}: got {} want {} (atol {atol}, rtol {rtol})", got[i], want[i]);
 }

@@ -90,12 +90,7 @@ mod tests {
 
     fn smol() -> ChatTemplate {
         let g = Gguf::open(real_model_path()).unwrap();
-        ChatTemplate::new(
-            g.get_str("tokenizer.chat_template").unwrap(),
-            "<|im_start|>",
-            "<|im_end|>",
-        )
-        .unwrap()
+        ChatTemplate::new(g.get_str("tokenizer.chat_template").unwrap(), "<|im_start|>", "<|im_end|>").unwrap()
     }
 
     /// Expected strings from transformers 5.24.0 `apply_chat_template(..., tokenize=False)` on

@@ -94,16 +94,12 @@ impl ModelConfig {
                     .ok_or_else(|| bad(format!("{name} is {x}, not a non-negative integer"))),
             }
         };
-        let required = |name: &str| -> Result<usize> {
-            usize_field(name)?.ok_or_else(|| bad(format!("{name} is missing")))
-        };
+        let required =
+            |name: &str| -> Result<usize> { usize_field(name)?.ok_or_else(|| bad(format!("{name} is missing"))) };
         let f32_field = |name: &str, default: f32| -> Result<f32> {
             match v.get(name) {
                 None | Some(Value::Null) => Ok(default),
-                Some(x) => x
-                    .as_f64()
-                    .map(|f| f as f32)
-                    .ok_or_else(|| bad(format!("{name} is {x}, not a number"))),
+                Some(x) => x.as_f64().map(|f| f as f32).ok_or_else(|| bad(format!("{name} is {x}, not a number"))),
             }
         };
 
@@ -144,10 +140,7 @@ impl ModelConfig {
             rope_theta: f32_field("rope_theta", 10000.0)?,
             rope_scaling: parse_rope_scaling(v.get("rope_scaling"), path)?,
             max_position_embeddings: usize_field("max_position_embeddings")?.unwrap_or(2048),
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
             bos_token_id,
             eos_token_ids,
             add_bos: false,
@@ -180,15 +173,11 @@ impl ModelConfig {
                     .ok_or_else(|| bad(format!("{key} is {v:?}, not a non-negative integer"))),
             }
         };
-        let required = |key: &str| -> Result<usize> {
-            int(key)?.ok_or_else(|| bad(format!("{key} is missing")))
-        };
+        let required = |key: &str| -> Result<usize> { int(key)?.ok_or_else(|| bad(format!("{key} is missing"))) };
         let float = |key: &str, default: f32| -> Result<f32> {
             match g.get(key) {
                 None => Ok(default),
-                Some(v) => {
-                    v.as_f64().map(|f| f as f32).ok_or_else(|| bad(format!("{key} is {v:?}")))
-                }
+                Some(v) => v.as_f64().map(|f| f as f32).ok_or_else(|| bad(format!("{key} is {v:?}"))),
             }
         };
 
@@ -210,10 +199,7 @@ impl ModelConfig {
         }
         if let Some(t) = g.get_str("llama.rope.scaling.type") {
             if t != "none" {
-                return Err(Error::Unsupported(format!(
-                    "{}: rope scaling type {t:?}",
-                    path.display()
-                )));
+                return Err(Error::Unsupported(format!("{}: rope scaling type {t:?}", path.display())));
             }
         }
         let vocab_size = match int("llama.vocab_size")? {
@@ -225,17 +211,11 @@ impl ModelConfig {
                 .ok_or_else(|| bad("llama.vocab_size and tokenizer.ggml.tokens missing".into()))?,
         };
         let token_id = |key: &str| -> Result<Option<u32>> {
-            int(key)?
-                .map(|n| u32::try_from(n).map_err(|_| bad(format!("{key} is {n}"))))
-                .transpose()
+            int(key)?.map(|n| u32::try_from(n).map_err(|_| bad(format!("{key} is {n}")))).transpose()
         };
         // llama.cpp stops at EOS and also at the end-of-turn / end-of-message tokens.
         let mut eos_token_ids = vec![];
-        for key in [
-            "tokenizer.ggml.eos_token_id",
-            "tokenizer.ggml.eot_token_id",
-            "tokenizer.ggml.eom_token_id",
-        ] {
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
             if let Some(id) = token_id(key)? {
                 if !eos_token_ids.contains(&id) {
                     eos_token_ids.push(id);
@@ -333,16 +313,10 @@ impl ModelConfig {
             }
         }
         if !self.hidden_size.is_multiple_of(self.num_heads) {
-            return bad(format!(
-                "num_heads {} does not divide hidden_size {}",
-                self.num_heads, self.hidden_size
-            ));
+            return bad(format!("num_heads {} does not divide hidden_size {}", self.num_heads, self.hidden_size));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
-            return bad(format!(
-                "num_kv_heads {} does not divide num_heads {}",
-                self.num_kv_heads, self.num_heads
-            ));
+            return bad(format!("num_kv_heads {} does not divide num_heads {}", self.num_kv_heads, self.num_heads));
         }
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} is odd; rotary pairs need it even", self.head_dim));
@@ -371,8 +345,7 @@ fn rope_inv_freq(theta: f32, dim: usize, scaling: Option<&RopeScaling>) -> Vec<f
         .map(|i| {
             let inv = 1.0 / base.powf((2 * i) as f64 / dim as f64);
             let Some(s) = scaling else { return inv as f32 };
-            let (factor, low, high) =
-                (s.factor as f64, s.low_freq_factor as f64, s.high_freq_factor as f64);
+            let (factor, low, high) = (s.factor as f64, s.low_freq_factor as f64, s.high_freq_factor as f64);
             let old = s.original_max_position_embeddings as f64;
             let wavelen = 2.0 * std::f64::consts::PI / inv;
             // Long wavelengths are slowed by `factor`, short ones kept, and the band between
@@ -407,9 +380,9 @@ fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<Option<RopeScali
         }
     }
     let num = |name: &str| -> Result<f64> {
-        v.get(name).and_then(Value::as_f64).ok_or_else(|| {
-            Error::bad_model(path, format!("rope_scaling.{name} is missing or not a number"))
-        })
+        v.get(name)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| Error::bad_model(path, format!("rope_scaling.{name} is missing or not a number")))
     };
     Ok(Some(RopeScaling {
         factor: num("factor")? as f32,
@@ -436,12 +409,8 @@ fn rope_scaling_from_freqs(g: &Gguf, cfg: &ModelConfig) -> Result<Option<RopeSca
     }
     let divisors = super::quant::dequantize_vec(t.dtype, g.tensor_bytes(t), pairs);
     let factor = divisors.iter().cloned().fold(1.0f32, f32::max);
-    let guess = RopeScaling {
-        factor,
-        low_freq_factor: 1.0,
-        high_freq_factor: 4.0,
-        original_max_position_embeddings: 8192,
-    };
+    let guess =
+        RopeScaling { factor, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 };
     let plain = rope_inv_freq(cfg.rope_theta, cfg.head_dim, None);
     let scaled = rope_inv_freq(cfg.rope_theta, cfg.head_dim, Some(&guess));
     let matches = (0..pairs).all(|i| {
@@ -489,13 +458,11 @@ mod tests {
 
     #[test]
     fn eos_list_and_llama3_scaling() {
-        let text = SMOL_JSON
-            .replace(r#""eos_token_id": 2"#, r#""eos_token_id": [128001, 128009]"#)
-            .replace(
-                r#""rope_scaling": null"#,
-                r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        let text = SMOL_JSON.replace(r#""eos_token_id": 2"#, r#""eos_token_id": [128001, 128009]"#).replace(
+            r#""rope_scaling": null"#,
+            r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
-            );
+        );
         let c = ModelConfig::from_hf_json(&text, p()).unwrap();
         assert_eq!(c.eos_token_ids, vec![128001, 128009]);
         assert_eq!(c.rope_scaling.as_ref().unwrap().factor, 8.0);
@@ -512,8 +479,7 @@ mod tests {
             Err(Error::Unsupported(m)) => assert!(m.contains("MistralForCausalLM"), "{m}"),
             r => panic!("{r:?}"),
         }
-        let yarn = SMOL_JSON
-            .replace(r#""rope_scaling": null"#, r#""rope_scaling": {"type": "yarn", "factor": 4}"#);
+        let yarn = SMOL_JSON.replace(r#""rope_scaling": null"#, r#""rope_scaling": {"type": "yarn", "factor": 4}"#);
         match ModelConfig::from_hf_json(&yarn, p()) {
             Err(Error::Unsupported(m)) => assert!(m.contains("yarn"), "{m}"),
             r => panic!("{r:?}"),

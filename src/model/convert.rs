@@ -27,8 +27,7 @@ pub fn convert_to_hf(model: &ModelFiles, out_dir: impl AsRef<Path>) -> Result<()
         .into_iter()
         .map(|n| {
             let t = &model.tensors[n];
-            let bytes =
-                t.to_f32().into_iter().flat_map(|x| f16::from_f32(x).to_le_bytes()).collect();
+            let bytes = t.to_f32().into_iter().flat_map(|x| f16::from_f32(x).to_le_bytes()).collect();
             (n, t.shape(), bytes)
         })
         .collect();
@@ -48,8 +47,7 @@ pub fn convert_to_hf(model: &ModelFiles, out_dir: impl AsRef<Path>) -> Result<()
     model.tokenizer.save(out.join("tokenizer.json"))?;
 
     let tok = &model.tokenizer;
-    let name =
-        |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).map_or(Value::Null, Value::from);
+    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).map_or(Value::Null, Value::from);
     let mut tc = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": name(tok.bos_id()),

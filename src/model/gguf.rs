@@ -136,10 +136,7 @@ impl Gguf {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 24 {
-            return Err(Error::bad_model(
-                path,
-                format!("file is {len} bytes, too short for a GGUF header"),
-            ));
+            return Err(Error::bad_model(path, format!("file is {len} bytes, too short for a GGUF header")));
         }
         // SAFETY: the mapping is read-only; like every mmap-based loader we rely on the file not
         // being truncated by another process while mapped.
@@ -155,9 +152,7 @@ impl Gguf {
         let version = r.u32("version")?;
         if version != 2 && version != 3 {
             let hint = if version.swap_bytes() <= 3 { " (big-endian file?)" } else { "" };
-            return Err(r.err(format!(
-                "unsupported GGUF version {version}{hint}; versions 2 and 3 are supported"
-            )));
+            return Err(r.err(format!("unsupported GGUF version {version}{hint}; versions 2 and 3 are supported")));
         }
         let n_tensors = r.u64("tensor count")?;
         let n_kv = r.u64("metadata count")?;
@@ -194,9 +189,7 @@ impl Gguf {
             let mut dims = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
                 let d = r.u64(&format!("dimensions of tensor {name:?}"))?;
-                dims.push(
-                    usize::try_from(d).map_err(|_| r.err(format!("tensor {name:?} dim {d}")))?,
-                );
+                dims.push(usize::try_from(d).map_err(|_| r.err(format!("tensor {name:?} dim {d}")))?);
             }
             let ty = r.u32(&format!("type of tensor {name:?}"))?;
             let offset = r.u64(&format!("offset of tensor {name:?}"))?;
@@ -217,9 +210,9 @@ impl Gguf {
                 ))
             })?;
             let bad = |msg: String| Error::bad_model(path, format!("tensor {name:?}: {msg}"));
-            let row = dtype.row_bytes(dims[0]).ok_or_else(|| {
-                bad(format!("{} columns do not divide into {} blocks", dims[0], dtype.name()))
-            })?;
+            let row = dtype
+                .row_bytes(dims[0])
+                .ok_or_else(|| bad(format!("{} columns do not divide into {} blocks", dims[0], dtype.name())))?;
             let size = dims[1..]
                 .iter()
                 .try_fold(row, |a, &d| a.checked_mul(d))
@@ -243,16 +236,7 @@ impl Gguf {
             tensors.push(GgufTensor { name, dtype, dims, range: start..end });
         }
 
-        Ok(Gguf {
-            path: path.to_path_buf(),
-            mmap,
-            version,
-            alignment,
-            metadata,
-            index,
-            tensors,
-            tensor_index,
-        })
+        Ok(Gguf { path: path.to_path_buf(), mmap, version, alignment, metadata, index, tensors, tensor_index })
     }
 
     pub fn path(&self) -> &Path {
@@ -504,16 +488,11 @@ pub fn write_gguf(
 }
 
 /// The bytes [`write_gguf`] writes.
-pub fn gguf_bytes(
-    metadata: &[(String, MetaValue)],
-    tensors: &[TensorToWrite<'_>],
-) -> Result<Vec<u8>> {
+pub fn gguf_bytes(metadata: &[(String, MetaValue)], tensors: &[TensorToWrite<'_>]) -> Result<Vec<u8>> {
     let align = DEFAULT_ALIGNMENT;
     for (k, v) in metadata {
         if k == "general.alignment" && v.as_i64() != Some(align as i64) {
-            return Err(Error::InvalidArgument(format!(
-                "write_gguf writes alignment {align}, metadata says {v:?}"
-            )));
+            return Err(Error::InvalidArgument(format!("write_gguf writes alignment {align}, metadata says {v:?}")));
         }
     }
     let mut out = Vec::new();
@@ -528,10 +507,7 @@ pub fn gguf_bytes(
     }
     let mut offset = 0usize;
     for &(name, dtype, dims, data) in tensors {
-        let expected = dims
-            .first()
-            .and_then(|&c| dtype.row_bytes(c))
-            .map(|r| r * dims[1..].iter().product::<usize>());
+        let expected = dims.first().and_then(|&c| dtype.row_bytes(c)).map(|r| r * dims[1..].iter().product::<usize>());
         if dims.is_empty() || dims.len() > MAX_DIMS || expected != Some(data.len()) {
             return Err(Error::InvalidArgument(format!(
                 "tensor {name:?}: {} bytes do not fit {} dims {dims:?}",
@@ -606,10 +582,7 @@ mod tests {
             ("x.f".to_string(), MetaValue::F32(0.5)),
             ("x.b".to_string(), MetaValue::Bool(true)),
             ("x.i64".to_string(), MetaValue::I64(-7)),
-            (
-                "x.strs".to_string(),
-                MetaValue::Array(vec![MetaValue::Str("a b".into()), MetaValue::Str("ü".into())]),
-            ),
+            ("x.strs".to_string(), MetaValue::Array(vec![MetaValue::Str("a b".into()), MetaValue::Str("ü".into())])),
             (
                 "x.nested".to_string(),
                 MetaValue::Array(vec![

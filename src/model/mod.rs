@@ -61,8 +61,7 @@ pub(crate) mod test_util {
     pub fn test_dir(tag: &str) -> TestDir {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let d =
-            std::env::temp_dir().join(format!("longwave-test-{}-{tag}-{n}", std::process::id()));
+        let d = std::env::temp_dir().join(format!("longwave-test-{}-{tag}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         TestDir(d)

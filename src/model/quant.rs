@@ -22,8 +22,7 @@ pub enum DType {
 }
 
 impl DType {
-    pub const ALL: [DType; 6] =
-        [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
+    pub const ALL: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -63,7 +62,7 @@ impl DType {
     /// Bytes of a row of `cols` elements in the file layout, or None when `cols` does not
     /// divide into blocks.
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
-        if cols % self.block_elems() != 0 {
+        if !cols.is_multiple_of(self.block_elems()) {
             return None;
         }
         Some(cols / self.block_elems() * self.block_bytes())
@@ -165,9 +164,7 @@ pub fn quantize(dtype: DType, x: &[f32]) -> Vec<u8> {
     match dtype {
         DType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         DType::F16 => x.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        DType::BF16 => {
-            x.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes()))
-        }
+        DType::BF16 => x.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
         DType::Q8_0 => {
             for b in x.chunks_exact(QK) {
                 let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -232,14 +229,7 @@ impl GpuLayout {
                 let blocks = rows * nb;
                 let qwords = blocks * dtype.gpu_quant_words();
                 let swords = if dtype == DType::Q4_1 { blocks } else { blocks.div_ceil(2) };
-                GpuLayout {
-                    dtype,
-                    rows,
-                    cols,
-                    row_stride: nb,
-                    scale_offset: qwords,
-                    total_words: qwords + swords,
-                }
+                GpuLayout { dtype, rows, cols, row_stride: nb, scale_offset: qwords, total_words: qwords + swords }
             }
         }
     }

@@ -146,11 +146,7 @@ impl Tokenizer {
         let id = |key: &str| g.get_u32(key).filter(|&i| (i as usize) < tokens.len());
         let bos_id = id("tokenizer.ggml.bos_token_id");
         let mut eos_ids = vec![];
-        for key in [
-            "tokenizer.ggml.eos_token_id",
-            "tokenizer.ggml.eot_token_id",
-            "tokenizer.ggml.eom_token_id",
-        ] {
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
             if let Some(i) = id(key).filter(|i| !eos_ids.contains(i)) {
                 eos_ids.push(i);
             }
@@ -175,10 +171,8 @@ impl Tokenizer {
     /// Encodes text. `add_special`: add BOS if the model asks for it. Special-token text in
     /// `text` (e.g. "<|im_start|>") always becomes the special token's id.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special)
-            .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
+        let enc =
+            self.inner.encode(text, add_special).map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         // tokenizer.json files do not always add BOS themselves (transformers adds it in Python
         // for some tokenizer classes), so make sure of it here.
@@ -191,9 +185,7 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| Error::Tokenizer(format!("decoding failed: {e}")))
+        self.inner.decode(ids, skip_special).map_err(|e| Error::Tokenizer(format!("decoding failed: {e}")))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -221,12 +213,7 @@ impl Tokenizer {
     }
     /// Ids of special (control) tokens.
     pub fn special_ids(&self) -> HashSet<u32> {
-        self.inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
-            .collect()
+        self.inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect()
     }
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
@@ -235,9 +222,9 @@ impl Tokenizer {
     /// Writes `tokenizer.json`.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        self.inner.save(path, false).map_err(|e| {
-            Error::io(path, std::io::Error::other(format!("cannot save tokenizer: {e}")))
-        })
+        self.inner
+            .save(path, false)
+            .map_err(|e| Error::io(path, std::io::Error::other(format!("cannot save tokenizer: {e}"))))
     }
 
     /// A decoder for streaming generated ids out as text.
@@ -259,16 +246,9 @@ fn pre_tokenizer_for(pre: &str) -> Option<(PreTokenizerWrapper, bool)> {
             (Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(), false)
         }
         "llama-bpe" | "llama3" => {
-            let split = Split::new(
-                SplitPattern::Regex(LLAMA3_SPLIT.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .ok()?;
-            (
-                Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into(),
-                true,
-            )
+            let split =
+                Split::new(SplitPattern::Regex(LLAMA3_SPLIT.into()), SplitDelimiterBehavior::Isolated, false).ok()?;
+            (Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into(), true)
         }
         _ => return None,
     })
@@ -355,49 +335,35 @@ pub(crate) mod tests {
     ///     print(t.encode(TEXT, add_special_tokens=False))"
     pub(crate) const HF_CASES: &[(&str, &[u32])] = &[
         ("Hello, world!", &[19556, 28, 905, 17]),
-        (
-            "  leading spaces and   multiple   gaps ",
-            &[216, 2899, 5600, 284, 256, 2701, 256, 10134, 216],
-        ),
-        (
-            "line one\nline two\n\n\ttabbed\r\n",
-            &[1311, 582, 198, 1311, 827, 1116, 197, 15999, 5776, 2738],
-        ),
+        ("  leading spaces and   multiple   gaps ", &[216, 2899, 5600, 284, 256, 2701, 256, 10134, 216]),
+        ("line one\nline two\n\n\ttabbed\r\n", &[1311, 582, 198, 1311, 827, 1116, 197, 15999, 5776, 2738]),
         (
             "Numbers: 1234567 3.14159 -42 1,000,000",
             &[
-                39006, 42, 216, 33, 34, 35, 36, 37, 38, 39, 216, 35, 30, 33, 36, 33, 37, 41, 731,
-                36, 34, 216, 33, 28, 32, 32, 32, 28, 32, 32, 32,
+                39006, 42, 216, 33, 34, 35, 36, 37, 38, 39, 216, 35, 30, 33, 36, 33, 37, 41, 731, 36, 34, 216, 33, 28,
+                32, 32, 32, 28, 32, 32, 32,
             ],
         ),
         (
             "Unicode: café naïve Ünïcödé 日本語テキスト Привет",
             &[
-                3706, 15817, 42, 37366, 15486, 46494, 5549, 246, 94, 25972, 83, 7466, 84, 2756,
-                17097, 241, 115, 40993, 179, 120, 248, 11100, 224, 10391, 251, 10391, 134, 11100,
-                226, 5470, 249, 46879, 16464, 32547,
+                3706, 15817, 42, 37366, 15486, 46494, 5549, 246, 94, 25972, 83, 7466, 84, 2756, 17097, 241, 115, 40993,
+                179, 120, 248, 11100, 224, 10391, 251, 10391, 134, 11100, 226, 5470, 249, 46879, 16464, 32547,
             ],
         ),
         (
             "Emoji: 😀👍🏽 🇺🇸 family 👨\u{200d}👩\u{200d}👧",
             &[
-                10809, 33777, 42, 40303, 218, 10813, 235, 231, 10813, 233, 138, 15107, 225, 135,
-                10813, 225, 133, 1564, 15107, 235, 118, 321, 231, 10813, 235, 119, 321, 231, 10813,
-                235, 117,
+                10809, 33777, 42, 40303, 218, 10813, 235, 231, 10813, 233, 138, 15107, 225, 135, 10813, 225, 133, 1564,
+                15107, 235, 118, 321, 231, 10813, 235, 119, 321, 231, 10813, 235, 117,
             ],
         ),
         (
             "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
             &[1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198],
         ),
-        (
-            "don't won't I'm we'll they've",
-            &[12420, 982, 3763, 982, 339, 5248, 392, 3060, 502, 3543],
-        ),
-        (
-            "fn main() { println!(\"hi\"); }",
-            &[7853, 1085, 1000, 1662, 1628, 34115, 17, 1470, 6004, 21646, 4029],
-        ),
+        ("don't won't I'm we'll they've", &[12420, 982, 3763, 982, 339, 5248, 392, 3060, 502, 3543]),
+        ("fn main() { println!(\"hi\"); }", &[7853, 1085, 1000, 1662, 1628, 34115, 17, 1470, 6004, 21646, 4029]),
     ];
 
     #[test]

@@ -93,14 +93,8 @@ fn expected_tensors(c: &ModelConfig) -> Vec<Expected> {
         shape,
         permuted_heads,
     };
-    let (h, q, kv, ff) =
-        (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
-    let mut v = vec![e(
-        "model.embed_tokens.weight".into(),
-        "token_embd.weight".into(),
-        vec![c.vocab_size, h],
-        None,
-    )];
+    let (h, q, kv, ff) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let mut v = vec![e("model.embed_tokens.weight".into(), "token_embd.weight".into(), vec![c.vocab_size, h], None)];
     for i in 0..c.num_layers {
         let hf = |s: &str| format!("model.layers.{i}.{s}.weight");
         let gg = |s: &str| format!("blk.{i}.{s}.weight");
@@ -169,18 +163,8 @@ impl ModelFiles {
                     .collect();
                 match ggufs.as_slice() {
                     [one] => Self::open_gguf(one)?,
-                    [] => {
-                        return Err(Error::bad_model(
-                            path,
-                            "no config.json and no .gguf file in this directory",
-                        ))
-                    }
-                    _ => {
-                        return Err(Error::bad_model(
-                            path,
-                            "several .gguf files here; name the one to load",
-                        ))
-                    }
+                    [] => return Err(Error::bad_model(path, "no config.json and no .gguf file in this directory")),
+                    _ => return Err(Error::bad_model(path, "several .gguf files here; name the one to load")),
                 }
             }
         } else if path.file_name().is_some_and(|n| n == "config.json") {
@@ -198,31 +182,21 @@ impl ModelFiles {
         let tokenizer = Tokenizer::from_gguf(&g)?;
         let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
         let chat_template = match g.get_str("tokenizer.chat_template") {
-            Some(src) => Some(ChatTemplate::new(
-                src,
-                &token(tokenizer.bos_id()),
-                &token(tokenizer.eos_ids().first().copied()),
-            )?),
+            Some(src) => {
+                Some(ChatTemplate::new(src, &token(tokenizer.bos_id()), &token(tokenizer.eos_ids().first().copied()))?)
+            }
             None => None,
         };
 
         let mut tensors = HashMap::new();
         for e in expected_tensors(&config) {
             let Some(t) = g.tensor(&e.gguf) else {
-                return Err(Error::bad_model(
-                    path,
-                    format!("tensor {} ({}) is missing", e.gguf, e.hf),
-                ));
+                return Err(Error::bad_model(path, format!("tensor {} ({}) is missing", e.gguf, e.hf)));
             };
             let (rows, cols, is_vector) = match t.dims.as_slice() {
                 [c] => (1, *c, true),
                 [c, r] => (*r, *c, false),
-                d => {
-                    return Err(Error::bad_model(
-                        path,
-                        format!("tensor {} has {} dimensions {d:?}", e.gguf, d.len()),
-                    ))
-                }
+                d => return Err(Error::bad_model(path, format!("tensor {} has {} dimensions {d:?}", e.gguf, d.len()))),
             };
             let data = match e.permuted_heads {
                 // Checked before permuting so a wrong shape is reported, not sliced.
@@ -253,9 +227,7 @@ impl ModelFiles {
         // tokenizer_config.json names.
         let bos_str = token_str(tc.get("bos_token"));
         let eos_str = token_str(tc.get("eos_token"));
-        let bos_id = config
-            .bos_token_id
-            .or_else(|| bos_str.as_deref().and_then(|s| tokenizer.token_to_id(s)));
+        let bos_id = config.bos_token_id.or_else(|| bos_str.as_deref().and_then(|s| tokenizer.token_to_id(s)));
         let mut eos_ids = config.eos_token_ids.clone();
         let more = ids_of(gen.get("eos_token_id"))
             .into_iter()
@@ -268,9 +240,8 @@ impl ModelFiles {
         // add_bos_token when given; else whatever tokenizer.json's post-processor does.
         let add_bos = match tc.get("add_bos_token").and_then(Value::as_bool) {
             Some(b) => b,
-            None => bos_id.is_some_and(|b| {
-                tokenizer.inner().encode("a", true).is_ok_and(|e| e.get_ids().first() == Some(&b))
-            }),
+            None => bos_id
+                .is_some_and(|b| tokenizer.inner().encode("a", true).is_ok_and(|e| e.get_ids().first() == Some(&b))),
         };
         config.bos_token_id = bos_id;
         config.eos_token_ids = eos_ids.clone();
@@ -307,12 +278,7 @@ impl ModelFiles {
                 return bad(format!("tensor {} is missing", e.hf));
             };
             if t.shape() != e.shape {
-                return bad(format!(
-                    "tensor {} has shape {:?}, expected {:?}",
-                    e.hf,
-                    t.shape(),
-                    e.shape
-                ));
+                return bad(format!("tensor {} has shape {:?}, expected {:?}", e.hf, t.shape(), e.shape));
             }
             let want = t.dtype.row_bytes(t.cols).map(|r| r * t.rows);
             if want != Some(t.bytes().len()) {
@@ -339,13 +305,8 @@ impl ModelFiles {
     /// The model's chat template, or the ChatML fallback (see [`super::chat::CHATML_TEMPLATE`]).
     pub fn chat_template_or_chatml(&self) -> ChatTemplate {
         self.chat_template.clone().unwrap_or_else(|| {
-            let tok = |id: Option<u32>| {
-                id.and_then(|i| self.tokenizer.id_to_token(i)).unwrap_or_default()
-            };
-            ChatTemplate::chatml(
-                &tok(self.tokenizer.bos_id()),
-                &tok(self.tokenizer.eos_ids().first().copied()),
-            )
+            let tok = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i)).unwrap_or_default();
+            ChatTemplate::chatml(&tok(self.tokenizer.bos_id()), &tok(self.tokenizer.eos_ids().first().copied()))
         })
     }
 }
@@ -355,9 +316,7 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::bad_model(path, format!("invalid JSON: {e}")))
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::bad_model(path, format!("invalid JSON: {e}")))
 }
 
 /// A token in tokenizer_config.json: a string, or an AddedToken object with "content".
@@ -383,8 +342,7 @@ fn chat_template_source(dir: &Path, tc: &Value) -> Result<Option<String>> {
     match tc.get("chat_template") {
         Some(Value::String(s)) => return Ok(Some(s.clone())),
         Some(Value::Array(list)) => {
-            let named =
-                |n: &str| list.iter().find(|t| t.get("name").and_then(Value::as_str) == Some(n));
+            let named = |n: &str| list.iter().find(|t| t.get("name").and_then(Value::as_str) == Some(n));
             let t = named("default").or_else(|| list.first());
             if let Some(s) = t.and_then(|t| t.get("template")).and_then(Value::as_str) {
                 return Ok(Some(s.to_string()));
@@ -540,9 +498,7 @@ mod tests {
     /// Deterministic values for a tensor, different per name.
     fn values(name: &str, n: usize) -> Vec<f32> {
         let seed = name.bytes().fold(7u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32));
-        (0..n)
-            .map(|i| ((seed.wrapping_add(i as u32 * 2654435761) >> 8) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
+        (0..n).map(|i| ((seed.wrapping_add(i as u32 * 2654435761) >> 8) % 1000) as f32 / 500.0 - 1.0).collect()
     }
 
     /// Writes a tiny HF model directory; `edit` may change the tensor list before writing.
@@ -565,16 +521,10 @@ mod tests {
             })
             .collect();
         edit(&mut ts);
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = ts
-            .into_iter()
-            .map(|(n, s, v)| (n, s, bytemuck::cast_slice::<f32, u8>(&v).to_vec()))
-            .collect();
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+            ts.into_iter().map(|(n, s, v)| (n, s, bytemuck::cast_slice::<f32, u8>(&v).to_vec())).collect();
         let views = bytes.iter().map(|(n, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
         });
         safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
         dir
@@ -644,8 +594,7 @@ mod tests {
         let dir = write_tiny_hf(|_| {});
         let f = dir.join("model.safetensors");
         let data = vec![0u8; 4 * 64];
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![64], &data).unwrap();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![64], &data).unwrap();
         safetensors::serialize_to_file([("model.norm.weight", view)], None, &f).unwrap();
         match ModelFiles::open(&dir) {
             Err(Error::Unsupported(m)) => {
@@ -655,9 +604,7 @@ mod tests {
         }
 
         let dir = write_tiny_hf(|_| {});
-        let cfg = TINY_CONFIG
-            .replace("LlamaForCausalLM", "Qwen2ForCausalLM")
-            .replace("\"llama\"", "\"qwen2\"");
+        let cfg = TINY_CONFIG.replace("LlamaForCausalLM", "Qwen2ForCausalLM").replace("\"llama\"", "\"qwen2\"");
         std::fs::write(dir.join("config.json"), cfg).unwrap();
         match ModelFiles::open(&dir) {
             Err(Error::Unsupported(m)) => assert!(m.contains("Qwen2ForCausalLM"), "{m}"),
@@ -700,18 +647,13 @@ mod tests {
             ("llama.attention.head_count".to_string(), MetaValue::U32(2)),
             ("llama.attention.head_count_kv".to_string(), MetaValue::U32(1)),
             ("tokenizer.ggml.model".to_string(), s("gpt2")),
-            (
-                "tokenizer.ggml.tokens".to_string(),
-                MetaValue::Array(vec![s("a"), s("b"), s("<s>"), s("</s>")]),
-            ),
+            ("tokenizer.ggml.tokens".to_string(), MetaValue::Array(vec![s("a"), s("b"), s("<s>"), s("</s>")])),
             ("tokenizer.ggml.merges".to_string(), MetaValue::Array(vec![])),
             ("tokenizer.ggml.bos_token_id".to_string(), MetaValue::U32(2)),
             ("tokenizer.ggml.eos_token_id".to_string(), MetaValue::U32(3)),
         ];
-        let list: Vec<_> = owned
-            .iter()
-            .map(|(n, d, dims, b, _)| (n.as_str(), *d, dims.as_slice(), b.as_slice()))
-            .collect();
+        let list: Vec<_> =
+            owned.iter().map(|(n, d, dims, b, _)| (n.as_str(), *d, dims.as_slice(), b.as_slice())).collect();
         let dir = test_dir("gguf-model");
         let path = dir.join("tiny.gguf");
         write_gguf(&path, &meta, &list).unwrap();
@@ -733,9 +675,7 @@ mod tests {
         let mut meta2 = meta.clone();
         meta2[0].1 = s("qwen2");
         write_gguf(&path, &meta2, &list).unwrap();
-        assert!(
-            matches!(ModelFiles::open(&path), Err(Error::Unsupported(m)) if m.contains("qwen2"))
-        );
+        assert!(matches!(ModelFiles::open(&path), Err(Error::Unsupported(m)) if m.contains("qwen2")));
     }
 
     fn quant_round_trip(dtype: DType, v: &[f32]) -> Vec<f32> {
