@@ -9,6 +9,20 @@ struct Params { rows: u32, dim: u32, eps: f32, _pad: u32 }
 
 const WG: u32 = 256u;
 
+// Normalises the row of x starting at `src` into y from `dst`.
+fn norm_row(src: u32, dst: u32, lid: u32, sgs: u32, sgl: u32) {
+    var ss = 0.0;
+    for (var i = lid; i < p.dim; i += WG) {
+        let v = x[src + i];
+        ss += v * v;
+    }
+    let total = wg_sum(ss, lid, WG, sgs, sgl);
+    let scale = inverseSqrt(total / f32(p.dim) + p.eps);
+    for (var i = lid; i < p.dim; i += WG) {
+        y[dst + i] = x[src + i] * scale * w[i];
+    }
+}
+
 @compute @workgroup_size(256)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -24,17 +38,7 @@ fn main(
 #endif
     let row = wid.x + wid.y * 65535u;
     if (row >= p.rows) { return; }
-    let base = row * p.dim;
-    var ss = 0.0;
-    for (var i = lid; i < p.dim; i += WG) {
-        let v = x[base + i];
-        ss += v * v;
-    }
-    let total = wg_sum(ss, lid, WG, sgs, sgl);
-    let scale = inverseSqrt(total / f32(p.dim) + p.eps);
-    for (var i = lid; i < p.dim; i += WG) {
-        y[base + i] = x[base + i] * scale * w[i];
-    }
+    norm_row(row * p.dim, row * p.dim, lid, sgs, sgl);
 }
 
 // The step's last row only (row state[1] - 1), written to row 0 of y: the final norm before
@@ -53,15 +57,5 @@ fn last_row(
     let sgs = 1u;
     let sgl = 0u;
 #endif
-    let base = (state[1] - 1u) * p.dim;
-    var ss = 0.0;
-    for (var i = lid; i < p.dim; i += WG) {
-        let v = x[base + i];
-        ss += v * v;
-    }
-    let total = wg_sum(ss, lid, WG, sgs, sgl);
-    let scale = inverseSqrt(total / f32(p.dim) + p.eps);
-    for (var i = lid; i < p.dim; i += WG) {
-        y[i] = x[base + i] * scale * w[i];
-    }
+    norm_row((state[1] - 1u) * p.dim, 0u, lid, sgs, sgl);
 }

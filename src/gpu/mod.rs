@@ -31,6 +31,33 @@ pub struct Caps {
     pub timestamps: bool,
 }
 
+impl Caps {
+    /// The table for a device with these limits and enabled features; `max_binding` can
+    /// only lower the binding limit.
+    fn new(
+        info: &wgpu::AdapterInfo,
+        limits: &wgpu::Limits,
+        f16: bool,
+        subgroups: bool,
+        timestamps: bool,
+        max_binding: u64,
+    ) -> Caps {
+        Caps {
+            f16,
+            subgroups,
+            subgroup_min: info.subgroup_min_size,
+            subgroup_max: info.subgroup_max_size,
+            max_binding: max_binding.min(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size),
+            max_buffer: limits.max_buffer_size,
+            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+            max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
+            timestamps,
+        }
+    }
+}
+
 /// How to pick and configure the adapter.
 #[derive(Debug, Clone, Default)]
 pub struct GpuOptions {
@@ -135,21 +162,15 @@ impl Gpu {
     /// adapter's limits when creating the device to get the fast paths.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Arc<Gpu> {
         let features = device.features();
-        let limits = device.limits();
+        let caps = Caps::new(
+            &info,
+            &device.limits(),
+            features.contains(wgpu::Features::SHADER_F16),
+            features.contains(wgpu::Features::SUBGROUP),
+            features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            u64::MAX,
+        );
         let device_errors = Arc::new(Mutex::new(Vec::new()));
-        let caps = Caps {
-            f16: features.contains(wgpu::Features::SHADER_F16),
-            subgroups: features.contains(wgpu::Features::SUBGROUP),
-            subgroup_min: info.subgroup_min_size,
-            subgroup_max: info.subgroup_max_size,
-            max_binding: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
-            max_buffer: limits.max_buffer_size,
-            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
-            max_invocations: limits.max_compute_invocations_per_workgroup,
-            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
-            max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
-            timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
-        };
         Arc::new(Gpu {
             device,
             queue,
@@ -199,24 +220,7 @@ impl Gpu {
                 v.push(e.to_string());
             }
         }));
-        let max_binding = opts
-            .max_binding
-            .unwrap_or(u64::MAX)
-            .min(limits.max_storage_buffer_binding_size)
-            .min(limits.max_buffer_size);
-        let caps = Caps {
-            f16,
-            subgroups,
-            subgroup_min: info.subgroup_min_size,
-            subgroup_max: info.subgroup_max_size,
-            max_binding,
-            max_buffer: limits.max_buffer_size,
-            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
-            max_invocations: limits.max_compute_invocations_per_workgroup,
-            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
-            max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
-            timestamps,
-        };
+        let caps = Caps::new(&info, &limits, f16, subgroups, timestamps, opts.max_binding.unwrap_or(u64::MAX));
         Ok(Arc::new(Gpu {
             device,
             queue,

@@ -223,6 +223,41 @@ fn chunk_params(w: &GpuMatrix, c: &MatrixChunk, t: u32, x_off: u32) -> Params {
     }
 }
 
+/// The matrices a bind call names must suit the epilogue the kernel was built with.
+fn check_epilogue(kind: &str, epilogue: Epilogue, swiglu_call: bool) -> Result<()> {
+    match (epilogue == Epilogue::SwiGlu, swiglu_call) {
+        (true, false) => Err(Error::InvalidArgument(format!("a SwiGlu {kind} binds with bind_swiglu"))),
+        (false, true) => Err(Error::InvalidArgument(format!("bind_swiglu needs a {kind} built with Epilogue::SwiGlu"))),
+        _ => Ok(()),
+    }
+}
+
+/// One bound dispatch per chunk of the matrices; `groups(chunk rows)` sizes each.
+fn bind_chunks(
+    gpu: &Gpu,
+    label: &str,
+    pipeline: &Arc<wgpu::ComputePipeline>,
+    mats: &[&GpuMatrix],
+    x: &GpuBuffer,
+    x_offset: usize,
+    y: &GpuBuffer,
+    n: usize,
+    groups: impl Fn(usize) -> [u32; 3],
+) -> Vec<(Bound, [u32; 3])> {
+    let w = mats[0];
+    let mut out = Vec::new();
+    for (ci, c) in w.chunks.iter().enumerate() {
+        let params = gpu.uniform(label, &chunk_params(w, c, n as u32, x_offset as u32));
+        let mut entries = vec![params.binding(), x.binding(), y.binding()];
+        for m in mats {
+            entries.push(m.chunks[ci].buf.binding());
+        }
+        let bind_group = gpu.bind_group(pipeline, &entries);
+        out.push((Bound { pipeline: pipeline.clone(), bind_group, params: Some(params) }, groups(c.rows)));
+    }
+    out
+}
+
 fn write_t(queue: &wgpu::Queue, b: &Bound, t: u32) {
     if let Some(u) = &b.params {
         queue.write_buffer(&u.buffer, 0, bytemuck::bytes_of(&t));
@@ -280,9 +315,7 @@ impl MatVec {
         y: &GpuBuffer,
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
-        if self.epilogue == Epilogue::SwiGlu {
-            return Err(Error::InvalidArgument("a SwiGlu matvec binds with bind_swiglu".into()));
-        }
+        check_epilogue("matvec", self.epilogue, false)?;
         self.bind_all(gpu, &[w], x, x_offset_elems, y, n)
     }
 
@@ -297,9 +330,7 @@ impl MatVec {
         y: &GpuBuffer,
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
-        if self.epilogue != Epilogue::SwiGlu {
-            return Err(Error::InvalidArgument("bind_swiglu needs a matvec built with Epilogue::SwiGlu".into()));
-        }
+        check_epilogue("matvec", self.epilogue, true)?;
         self.bind_all(gpu, &[g, u], x, x_offset_elems, y, n)
     }
 
@@ -317,19 +348,10 @@ impl MatVec {
         let fast = w.cols.is_multiple_of(32) && x_offset.is_multiple_of(4);
         let tpr = threads_per_row(w.cols, fast);
         let pipeline = gpu.pipeline(&self.key(gpu, fast, tpr))?;
-        let mut out = Vec::new();
-        for (ci, c) in w.chunks.iter().enumerate() {
-            let params = gpu.uniform("matvec", &chunk_params(w, c, n as u32, x_offset as u32));
-            let mut entries = vec![params.binding(), x.binding(), y.binding()];
-            for m in mats {
-                entries.push(m.chunks[ci].buf.binding());
-            }
-            let bind_group = gpu.bind_group(&pipeline, &entries);
-            let rows_per_group = MATVEC_ROWS * (64 / tpr as usize);
-            let groups = [n as u32, c.rows.div_ceil(rows_per_group) as u32, 1];
-            out.push((Bound { pipeline: pipeline.clone(), bind_group, params: Some(params) }, groups));
-        }
-        Ok(out)
+        let rows_per_group = MATVEC_ROWS * (64 / tpr as usize);
+        Ok(bind_chunks(gpu, "matvec", &pipeline, mats, x, x_offset, y, n, |rows| {
+            [n as u32, rows.div_ceil(rows_per_group) as u32, 1]
+        }))
     }
 
     /// Changes the vector count of bound dispatches to `n` (at most the count they were bound
@@ -381,9 +403,7 @@ impl MatMul {
         y: &GpuBuffer,
         t: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
-        if self.epilogue == Epilogue::SwiGlu {
-            return Err(Error::InvalidArgument("a SwiGlu matmul binds with bind_swiglu".into()));
-        }
+        check_epilogue("matmul", self.epilogue, false)?;
         self.bind_all(gpu, &[w], x, x_offset_elems, y, t)
     }
 
@@ -398,9 +418,7 @@ impl MatMul {
         y: &GpuBuffer,
         t: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
-        if self.epilogue != Epilogue::SwiGlu {
-            return Err(Error::InvalidArgument("bind_swiglu needs a matmul built with Epilogue::SwiGlu".into()));
-        }
+        check_epilogue("matmul", self.epilogue, true)?;
         self.bind_all(gpu, &[g, u], x, x_offset_elems, y, t)
     }
 
@@ -414,19 +432,10 @@ impl MatMul {
         t: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_operands("matmul", self.dtype, mats, x, x_offset, y, t)?;
-        let w = mats[0];
-        let mut out = Vec::new();
-        for (ci, c) in w.chunks.iter().enumerate() {
-            let params = gpu.uniform("matmul", &chunk_params(w, c, t as u32, x_offset as u32));
-            let mut entries = vec![params.binding(), x.binding(), y.binding()];
-            for m in mats {
-                entries.push(m.chunks[ci].buf.binding());
-            }
-            let bind_group = gpu.bind_group(&self.pipeline, &entries);
-            let groups = [t.div_ceil(MATMUL_TILE_T) as u32, c.rows.div_ceil(self.tile_n()) as u32, 1];
-            out.push((Bound { pipeline: self.pipeline.clone(), bind_group, params: Some(params) }, groups));
-        }
-        Ok(out)
+        let tile_n = self.tile_n();
+        Ok(bind_chunks(gpu, "matmul", &self.pipeline, mats, x, x_offset, y, t, |rows| {
+            [t.div_ceil(MATMUL_TILE_T) as u32, rows.div_ceil(tile_n) as u32, 1]
+        }))
     }
 
     /// Changes the token count of bound dispatches to `t` (at most the count they were bound
