@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuBuffer};
 use crate::kernels::attention::{rope_table, AttentionKernels, AttnShape};
 use crate::kernels::embedding::Embedding;
-use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, MATMUL_TILE_T};
+use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, OutRows, MATMUL_TILE_T};
 use crate::kernels::rms_norm::RmsNorm;
 use crate::kernels::sampling::SamplingKernels;
 use crate::kernels::Bound;
@@ -21,9 +21,9 @@ use std::sync::Arc;
 /// One layer's weights on the GPU.
 pub struct LayerWeights {
     pub attn_norm: GpuBuffer,
-    pub q: GpuMatrix,
-    pub k: GpuMatrix,
-    pub v: GpuMatrix,
+    /// Q, K and V projections: one matrix of stacked rows when they share a format (one
+    /// product per step), else three products filling the same output rows.
+    pub qkv: Vec<GpuMatrix>,
     pub o: GpuMatrix,
     pub ffn_norm: GpuBuffer,
     pub gate: GpuMatrix,
@@ -49,7 +49,7 @@ impl Weights {
         let mut b = self.embed.bytes() + self.norm.size + self.lm_head.as_ref().map_or(0, |m| m.bytes());
         for l in &self.layers {
             b += l.attn_norm.size + l.ffn_norm.size;
-            b += [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|m| m.bytes()).sum::<u64>();
+            b += l.qkv.iter().chain([&l.o, &l.gate, &l.up, &l.down]).map(|m| m.bytes()).sum::<u64>();
         }
         b
     }
@@ -58,15 +58,28 @@ impl Weights {
     pub fn upload(gpu: &Gpu, files: &ModelFiles, progress: &mut dyn FnMut(u64, u64)) -> Result<Weights> {
         let total: u64 = files.tensors.values().map(|t| t.bytes().len() as u64).sum();
         let mut done = 0u64;
+        let tensor = |name: &str| {
+            files.tensors.get(name).ok_or_else(|| Error::bad_model(&files.source, format!("missing tensor {name}")))
+        };
         let mut matrix = |name: &str| -> Result<GpuMatrix> {
-            let t = files
-                .tensors
-                .get(name)
-                .ok_or_else(|| Error::bad_model(&files.source, format!("missing tensor {name}")))?;
+            let t = tensor(name)?;
             let m = GpuMatrix::upload(gpu, name, t.dtype, t.rows, t.cols, t.bytes())?;
             done += t.bytes().len() as u64;
             progress(done, total);
             Ok(m)
+        };
+        // Q, K and V rows stacked into one matrix when they share a format.
+        let qkv = |p: &str, matrix: &mut dyn FnMut(&str) -> Result<GpuMatrix>| -> Result<Vec<GpuMatrix>> {
+            let names = ["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}self_attn.{n}.weight"));
+            let ts = [tensor(&names[0])?, tensor(&names[1])?, tensor(&names[2])?];
+            if ts.iter().all(|t| t.dtype == ts[0].dtype && t.cols == ts[0].cols) {
+                let bytes: Vec<u8> = ts.iter().flat_map(|t| t.bytes().iter().copied()).collect();
+                let rows = ts.iter().map(|t| t.rows).sum();
+                let m = GpuMatrix::upload(gpu, &format!("{p}qkv"), ts[0].dtype, rows, ts[0].cols, &bytes)?;
+                Ok(vec![m])
+            } else {
+                names.iter().map(|n| matrix(n)).collect()
+            }
         };
         let embed = matrix("model.embed_tokens.weight")?;
         let c = &files.config;
@@ -75,9 +88,7 @@ impl Weights {
             let p = format!("model.layers.{i}.");
             layers.push(LayerWeights {
                 attn_norm: vector(gpu, files, &format!("{p}input_layernorm.weight"))?,
-                q: matrix(&format!("{p}self_attn.q_proj.weight"))?,
-                k: matrix(&format!("{p}self_attn.k_proj.weight"))?,
-                v: matrix(&format!("{p}self_attn.v_proj.weight"))?,
+                qkv: qkv(&p, &mut matrix)?,
                 o: matrix(&format!("{p}self_attn.o_proj.weight"))?,
                 ffn_norm: vector(gpu, files, &format!("{p}post_attention_layernorm.weight"))?,
                 gate: matrix(&format!("{p}mlp.gate_proj.weight"))?,
@@ -125,7 +136,7 @@ impl Kernels {
     pub fn new(gpu: &Gpu, weights: &Weights) -> Result<Kernels> {
         let mut dtypes = vec![weights.embed.dtype, weights.lm_head().dtype];
         for l in &weights.layers {
-            for m in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+            for m in l.qkv.iter().chain([&l.o, &l.gate, &l.up, &l.down]) {
                 dtypes.push(m.dtype);
             }
         }
@@ -167,9 +178,10 @@ pub struct Buffers {
     pub tokens: GpuBuffer,
     pub x: GpuBuffer,
     pub xn: GpuBuffer,
+    /// [token][q heads | k heads | v heads] before RoPE.
+    pub qkv: GpuBuffer,
+    /// Rotated queries [token][head][hd].
     pub q: GpuBuffer,
-    pub k: GpuBuffer,
-    pub v: GpuBuffer,
     pub attn: GpuBuffer,
     pub ffn: GpuBuffer,
     pub part: GpuBuffer,
@@ -258,9 +270,8 @@ impl Buffers {
             tokens: gpu.storage("tokens", t * 4)?,
             x: gpu.storage("x", t * hidden * f)?,
             xn: gpu.storage("xn", t * hidden * f)?,
+            qkv: gpu.storage("qkv", t * (qd + 2 * kvd) * f)?,
             q: gpu.storage("q", t * qd * f)?,
-            k: gpu.storage("k", t * kvd * f)?,
-            v: gpu.storage("v", t * kvd * f)?,
             attn: gpu.storage("attn", t * qd * f)?,
             ffn: gpu.storage("ffn", t * c.intermediate_size as u64 * f)?,
             part: gpu.storage("partials", parts * f)?,
@@ -372,18 +383,31 @@ impl Decoder {
             push(&mut steps, bound, Box::new(crate::kernels::groups_1d));
         }
         for (i, l) in w.layers.iter().enumerate() {
-            // Attention block: x += Wo · attention(rope(Wq·n(x)), cache + rope(Wk·n(x)), Wv·n(x))
+            // Attention block: x += Wo · attention(rope(Wq·n(x)), cache + rope(Wk·n(x)), Wv·n(x)),
+            // with Wq, Wk, Wv one stacked product.
             push(
                 &mut steps,
                 k.norm.bind(gpu, &b.x, &l.attn_norm, &b.xn, rows, hidden, c.rms_norm_eps),
                 Box::new(crate::kernels::rms_norm::groups),
             );
-            matmul(&mut steps, &l.q, &b.xn, &b.q, false)?;
-            matmul(&mut steps, &l.k, &b.xn, &b.k, false)?;
-            matmul(&mut steps, &l.v, &b.xn, &b.v, false)?;
+            let stride = l.qkv.iter().map(|m| m.rows).sum();
+            let mut offset = 0;
+            for m in &l.qkv {
+                let mk = k.mat(m);
+                let out = OutRows { stride, offset };
+                let list = if prefill {
+                    mk.mm.bind_into(gpu, m, &b.xn, &b.qkv, out, rows as usize)?
+                } else {
+                    mk.mv.bind_into(gpu, m, &b.xn, &b.qkv, out, 1)?
+                };
+                for (bound, g) in list {
+                    push(&mut steps, bound, if prefill { matmul_groups(g) } else { fixed(g) });
+                }
+                offset += m.rows;
+            }
             push(
                 &mut steps,
-                k.attn.bind_rope_kv(gpu, sh, &b.state, &b.rope, &b.q, &b.k, &b.v, &b.k_cache[i], &b.v_cache[i]),
+                k.attn.bind_rope_kv(gpu, sh, &b.state, &b.rope, &b.qkv, &b.q, &b.k_cache[i], &b.v_cache[i]),
                 Box::new(move |n| AttentionKernels::rope_groups(sh, n)),
             );
             push(

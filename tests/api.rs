@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 fn model_path() -> std::path::PathBuf {
-    let p = std::env::var_os("LONGWAVE_TEST_MODEL")
-        .map(Into::into)
-        .unwrap_or_else(longwave::model::default_model_path);
+    let p = std::env::var_os("LONGWAVE_TEST_MODEL").map(Into::into).unwrap_or_else(longwave::model::default_model_path);
     assert!(p.is_file(), "default model missing at {}: run models/fetch_default.sh", p.display());
     p
 }

@@ -15,7 +15,7 @@ command -v cc >/dev/null || need+=(gcc)
 command -v curl >/dev/null || need+=(curl ca-certificates)
 ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' || need+=(libvulkan1)
 # Any installed Vulkan driver manifest means a driver is present; otherwise add lavapipe.
-if ! ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1; then
+if ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1 && ! ls /etc/vulkan/icd.d/*.json >/dev/null 2>&1; then
     need+=(mesa-vulkan-drivers)
 fi
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,5 +1,7 @@
-// Rotary position embedding (rotate-half pairing: element i pairs with i + hd/2) on the new
-// tokens' queries (in place) and keys, and the append of their keys and values to the cache.
+// Rotary position embedding (rotate-half pairing: element i pairs with i + hd/2) of the new
+// tokens' queries and keys, and the append of their keys and values to the cache.
+// Input: one row per token of [q heads | k heads | v heads] (one fused QKV product).
+// Output: rotated queries [token][head][hd]; keys and values into the cache.
 // One workgroup per (token, head); query heads first, then key/value heads.
 
 struct Params {
@@ -16,11 +18,10 @@ struct Params {
 // from the f32 angle, as the reference implementation rounds it; GPU sin/cos lose accuracy on
 // the large angles of long contexts.
 @group(0) @binding(2) var<storage, read> rope: array<vec2<f32>>;
-@group(0) @binding(3) var<storage, read_write> q: array<f32>;
-@group(0) @binding(4) var<storage, read> k: array<f32>;
-@group(0) @binding(5) var<storage, read> v: array<f32>;
-@group(0) @binding(6) var<storage, read_write> k_cache: array<KvWord>;
-@group(0) @binding(7) var<storage, read_write> v_cache: array<KvWord>;
+@group(0) @binding(3) var<storage, read> qkv: array<f32>;
+@group(0) @binding(4) var<storage, read_write> q: array<f32>;
+@group(0) @binding(5) var<storage, read_write> k_cache: array<KvWord>;
+@group(0) @binding(6) var<storage, read_write> v_cache: array<KvWord>;
 
 fn rotate(x0: vec4<f32>, x1: vec4<f32>, pos: u32, i: u32) -> array<vec4<f32>, 2> {
     let b = pos * (p.hd / 2u) + i;
@@ -33,11 +34,8 @@ fn rotate(x0: vec4<f32>, x1: vec4<f32>, pos: u32, i: u32) -> array<vec4<f32>, 2>
     return array<vec4<f32>, 2>(x0 * c - x1 * s, x1 * c + x0 * s);
 }
 
-fn load4(buf_q: bool, base: u32) -> vec4<f32> {
-    if (buf_q) {
-        return vec4<f32>(q[base], q[base + 1u], q[base + 2u], q[base + 3u]);
-    }
-    return vec4<f32>(k[base], k[base + 1u], k[base + 2u], k[base + 3u]);
+fn load4(base: u32) -> vec4<f32> {
+    return vec4<f32>(qkv[base], qkv[base + 1u], qkv[base + 2u], qkv[base + 3u]);
 }
 
 @compute @workgroup_size(32)
@@ -48,31 +46,30 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let pos = state[0] + t;
     if (pos >= p.max_ctx) { return; }
     let half_d = p.hd / 2u;
-    let is_q = head < p.n_heads;
+    let row = t * (p.n_heads + 2u * p.n_kv) * p.hd;
     // Each invocation rotates four consecutive pairs.
-    for (var i = lid * 4u; i < half_d; i += 128u) {
-        if (is_q) {
-            let base = (t * p.n_heads + head) * p.hd;
-            let r = rotate(load4(true, base + i), load4(true, base + i + half_d), pos, i);
+    if (head < p.n_heads) {
+        let src = row + head * p.hd;
+        let dst = (t * p.n_heads + head) * p.hd;
+        for (var i = lid * 4u; i < half_d; i += 128u) {
+            let r = rotate(load4(src + i), load4(src + i + half_d), pos, i);
             for (var j = 0u; j < 4u; j++) {
-                q[base + i + j] = r[0][j];
-                q[base + i + half_d + j] = r[1][j];
+                q[dst + i + j] = r[0][j];
+                q[dst + i + half_d + j] = r[1][j];
             }
-        } else {
-            let kh = head - p.n_heads;
-            let base = (t * p.n_kv + kh) * p.hd;
-            let r = rotate(load4(false, base + i), load4(false, base + i + half_d), pos, i);
-            let row = (kh * p.max_ctx + pos) * p.hd;
-            k_cache[(row + i) / 4u] = kv_pack(r[0]);
-            k_cache[(row + i + half_d) / 4u] = kv_pack(r[1]);
         }
+        return;
     }
-    if (!is_q) {
-        let kh = head - p.n_heads;
-        let base = (t * p.n_kv + kh) * p.hd;
-        let row = (kh * p.max_ctx + pos) * p.hd;
-        for (var i = lid * 4u; i < p.hd; i += 128u) {
-            v_cache[(row + i) / 4u] = kv_pack(vec4<f32>(v[base + i], v[base + i + 1u], v[base + i + 2u], v[base + i + 3u]));
-        }
+    let kh = head - p.n_heads;
+    let k_src = row + (p.n_heads + kh) * p.hd;
+    let v_src = row + (p.n_heads + p.n_kv + kh) * p.hd;
+    let dst = (kh * p.max_ctx + pos) * p.hd;
+    for (var i = lid * 4u; i < half_d; i += 128u) {
+        let r = rotate(load4(k_src + i), load4(k_src + i + half_d), pos, i);
+        k_cache[(dst + i) / 4u] = kv_pack(r[0]);
+        k_cache[(dst + i + half_d) / 4u] = kv_pack(r[1]);
+    }
+    for (var i = lid * 4u; i < p.hd; i += 128u) {
+        v_cache[(dst + i) / 4u] = kv_pack(load4(v_src + i));
     }
 }

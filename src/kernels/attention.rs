@@ -106,16 +106,16 @@ impl AttentionKernels {
         })
     }
 
-    /// Rotates q [n, n_heads, hd] in place and k [n, n_kv, hd], appending k and v to the cache.
+    /// From qkv `[n][n_heads + 2 n_kv][hd]` (q heads, k heads, v heads): rotated queries into
+    /// q `[n][n_heads][hd]`, rotated keys and the values appended to the cache.
     pub fn bind_rope_kv(
         &self,
         gpu: &Gpu,
         sh: AttnShape,
         state: &GpuBuffer,
         rope: &GpuBuffer,
+        qkv: &GpuBuffer,
         q: &GpuBuffer,
-        k: &GpuBuffer,
-        v: &GpuBuffer,
         k_cache: &GpuBuffer,
         v_cache: &GpuBuffer,
     ) -> Bound {
@@ -129,9 +129,8 @@ impl AttentionKernels {
                 params.binding(),
                 state.binding(),
                 rope.binding(),
+                qkv.binding(),
                 q.binding(),
-                k.binding(),
-                v.binding(),
                 k_cache.binding(),
                 v_cache.binding(),
             ],
@@ -287,18 +286,22 @@ mod tests {
         let state = gpu.storage("state", 16).unwrap();
         let cap = n.max(past).max(1);
         let qb = gpu.storage("q", (cap * nh * hd * 4) as u64).unwrap();
-        let kb = gpu.storage("k", (cap * nkv * hd * 4) as u64).unwrap();
-        let vb = gpu.storage("v", (cap * nkv * hd * 4) as u64).unwrap();
+        let row = (nh + 2 * nkv) * hd;
+        let qkvb = gpu.storage("qkv", (cap * row * 4) as u64).unwrap();
         let part = gpu.storage("part", sh.partial_floats(cap as u32, splits) * 4).unwrap();
         let out = gpu.storage("out", (cap * nh * hd * 4) as u64).unwrap();
-        let rb = k.bind_rope_kv(gpu, sh, &state, &rope, &qb, &kb, &vb, &kc, &vc);
+        let rb = k.bind_rope_kv(gpu, sh, &state, &rope, &qkvb, &qb, &kc, &vc);
         let ab = k.bind_attend(gpu, sh, splits, &state, &qb, &kc, &vc, &part);
         let mb = k.bind_merge(gpu, sh, splits, &state, &part, &out);
         let step = |start: usize, cnt: usize| {
             gpu.write(&state, 0, &[start as u32, cnt as u32, 0, 0]);
-            gpu.write(&qb, 0, &qs[start * nh * hd..(start + cnt) * nh * hd]);
-            gpu.write(&kb, 0, &ks[start * nkv * hd..(start + cnt) * nkv * hd]);
-            gpu.write(&vb, 0, &vs[start * nkv * hd..(start + cnt) * nkv * hd]);
+            let mut rows = Vec::with_capacity(cnt * row);
+            for t in start..start + cnt {
+                rows.extend_from_slice(&qs[t * nh * hd..(t + 1) * nh * hd]);
+                rows.extend_from_slice(&ks[t * nkv * hd..(t + 1) * nkv * hd]);
+                rows.extend_from_slice(&vs[t * nkv * hd..(t + 1) * nkv * hd]);
+            }
+            gpu.write(&qkvb, 0, &rows);
             crate::kernels::run_pass(gpu, |p| {
                 rb.record(p, AttentionKernels::rope_groups(sh, cnt as u32));
                 ab.record(p, AttentionKernels::attend_groups(sh, splits, cnt as u32));

@@ -168,9 +168,16 @@ fn check_operands(
     x: &GpuBuffer,
     x_offset: usize,
     y: &GpuBuffer,
+    y_out: OutRows,
     n: usize,
 ) -> Result<()> {
     let w = mats[0];
+    if y_out.offset + w.rows > y_out.stride {
+        return Err(Error::InvalidArgument(format!(
+            "{kind}: {} output rows from column {} do not fit a row stride of {}",
+            w.rows, y_out.offset, y_out.stride
+        )));
+    }
     for m in mats {
         if m.dtype != dtype {
             return Err(Error::InvalidArgument(format!(
@@ -191,7 +198,8 @@ fn check_operands(
         }
     }
     let x_end = n.checked_mul(w.cols).and_then(|v| v.checked_add(x_offset));
-    let y_end = n.checked_mul(w.rows);
+    let y_end =
+        n.checked_sub(1).and_then(|v| v.checked_mul(y_out.stride)).and_then(|v| v.checked_add(y_out.offset + w.rows));
     match (x_end, y_end) {
         (Some(xe), Some(ye)) if (xe as u64) * 4 <= x.size && (ye as u64) * 4 <= y.size => {
             u32_of("x end", xe)?;
@@ -210,13 +218,28 @@ fn check_operands(
     }
 }
 
-fn chunk_params(w: &GpuMatrix, c: &MatrixChunk, t: u32, x_off: u32) -> Params {
+/// Where a product's outputs go in y: row `v` of the result is written at
+/// `y[v * stride + offset ..][..rows]`. `stride = rows, offset = 0` is a plain `[n, rows]`
+/// output; a larger stride lets several products fill one wider row (e.g. Q, K and V).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutRows {
+    pub stride: usize,
+    pub offset: usize,
+}
+
+impl OutRows {
+    pub fn whole(w: &GpuMatrix) -> OutRows {
+        OutRows { stride: w.rows, offset: 0 }
+    }
+}
+
+fn chunk_params(w: &GpuMatrix, c: &MatrixChunk, t: u32, x_off: u32, y_out: OutRows) -> Params {
     Params {
         t,
         k: w.cols as u32,
         rows: c.rows as u32,
-        n_total: w.rows as u32,
-        row_start: c.row_start as u32,
+        n_total: y_out.stride as u32,
+        row_start: (y_out.offset + c.row_start) as u32,
         x_off,
         w_stride: c.layout.row_stride as u32,
         w_scale: c.layout.scale_offset as u32,
@@ -241,13 +264,14 @@ fn bind_chunks(
     x: &GpuBuffer,
     x_offset: usize,
     y: &GpuBuffer,
+    y_out: OutRows,
     n: usize,
     groups: impl Fn(usize) -> [u32; 3],
 ) -> Vec<(Bound, [u32; 3])> {
     let w = mats[0];
     let mut out = Vec::new();
     for (ci, c) in w.chunks.iter().enumerate() {
-        let params = gpu.uniform(label, &chunk_params(w, c, n as u32, x_offset as u32));
+        let params = gpu.uniform(label, &chunk_params(w, c, n as u32, x_offset as u32, y_out));
         let mut entries = vec![params.binding(), x.binding(), y.binding()];
         for m in mats {
             entries.push(m.chunks[ci].buf.binding());
@@ -316,7 +340,7 @@ impl MatVec {
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_epilogue("matvec", self.epilogue, false)?;
-        self.bind_all(gpu, &[w], x, x_offset_elems, y, n)
+        self.bind_all(gpu, &[w], x, x_offset_elems, y, OutRows::whole(w), n)
     }
 
     /// Binds `y = silu(G x) * (U x)`; g and u must have the same shape and type.
@@ -331,7 +355,21 @@ impl MatVec {
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_epilogue("matvec", self.epilogue, true)?;
-        self.bind_all(gpu, &[g, u], x, x_offset_elems, y, n)
+        self.bind_all(gpu, &[g, u], x, x_offset_elems, y, OutRows::whole(g), n)
+    }
+
+    /// Binds `y = W x` into columns `out.offset..` of rows of `out.stride` floats.
+    pub fn bind_into(
+        &self,
+        gpu: &Gpu,
+        w: &GpuMatrix,
+        x: &GpuBuffer,
+        y: &GpuBuffer,
+        out: OutRows,
+        n: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        check_epilogue("matvec", self.epilogue, false)?;
+        self.bind_all(gpu, &[w], x, 0, y, out, n)
     }
 
     fn bind_all(
@@ -341,15 +379,16 @@ impl MatVec {
         x: &GpuBuffer,
         x_offset: usize,
         y: &GpuBuffer,
+        y_out: OutRows,
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
-        check_operands("matvec", self.dtype, mats, x, x_offset, y, n)?;
+        check_operands("matvec", self.dtype, mats, x, x_offset, y, y_out, n)?;
         let w = mats[0];
         let fast = w.cols.is_multiple_of(32) && x_offset.is_multiple_of(4);
         let tpr = threads_per_row(w.cols, fast);
         let pipeline = gpu.pipeline(&self.key(gpu, fast, tpr))?;
         let rows_per_group = MATVEC_ROWS * (64 / tpr as usize);
-        Ok(bind_chunks(gpu, "matvec", &pipeline, mats, x, x_offset, y, n, |rows| {
+        Ok(bind_chunks(gpu, "matvec", &pipeline, mats, x, x_offset, y, y_out, n, |rows| {
             [n as u32, rows.div_ceil(rows_per_group) as u32, 1]
         }))
     }
@@ -404,7 +443,7 @@ impl MatMul {
         t: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_epilogue("matmul", self.epilogue, false)?;
-        self.bind_all(gpu, &[w], x, x_offset_elems, y, t)
+        self.bind_all(gpu, &[w], x, x_offset_elems, y, OutRows::whole(w), t)
     }
 
     /// Binds `Y = silu(X G^T) * (X U^T)`.
@@ -419,7 +458,21 @@ impl MatMul {
         t: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_epilogue("matmul", self.epilogue, true)?;
-        self.bind_all(gpu, &[g, u], x, x_offset_elems, y, t)
+        self.bind_all(gpu, &[g, u], x, x_offset_elems, y, OutRows::whole(g), t)
+    }
+
+    /// Binds `Y = X W^T` into columns `out.offset..` of rows of `out.stride` floats.
+    pub fn bind_into(
+        &self,
+        gpu: &Gpu,
+        w: &GpuMatrix,
+        x: &GpuBuffer,
+        y: &GpuBuffer,
+        out: OutRows,
+        t: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        check_epilogue("matmul", self.epilogue, false)?;
+        self.bind_all(gpu, &[w], x, 0, y, out, t)
     }
 
     fn bind_all(
@@ -429,11 +482,12 @@ impl MatMul {
         x: &GpuBuffer,
         x_offset: usize,
         y: &GpuBuffer,
+        y_out: OutRows,
         t: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
-        check_operands("matmul", self.dtype, mats, x, x_offset, y, t)?;
+        check_operands("matmul", self.dtype, mats, x, x_offset, y, y_out, t)?;
         let tile_n = self.tile_n();
-        Ok(bind_chunks(gpu, "matmul", &self.pipeline, mats, x, x_offset, y, t, |rows| {
+        Ok(bind_chunks(gpu, "matmul", &self.pipeline, mats, x, x_offset, y, y_out, t, |rows| {
             [t.div_ceil(MATMUL_TILE_T) as u32, rows.div_ceil(tile_n) as u32, 1]
         }))
     }
@@ -729,6 +783,55 @@ pub(crate) mod tests {
             let got: Vec<f32> = gpu.read(&yb, 0, tmax * n).unwrap();
             check(&format!("set_rows mm={mm}"), &got[..t * n], &want, &scale);
             assert!(got[t * n..].iter().all(|&v| v == -7.0), "rows past t were written");
+        }
+    }
+
+    /// Three products of different formats fill one wider output row each (how Q, K and V
+    /// share one buffer), leaving nothing else written.
+    #[test]
+    fn bind_into_fills_column_ranges() {
+        for gpu in variants() {
+            let (k, t) = (96, 3);
+            let parts = [(DType::Q4_1, 37), (DType::Q8_0, 5), (DType::F16, 11)];
+            let stride = 60;
+            let mut rng = Rng::new(21);
+            let x = rng.vec(t * k, 1.0);
+            let xb = gpu.upload("x", &x).unwrap();
+            for mm in [false, true] {
+                let yb = gpu.upload("y", &vec![-7.0f32; t * stride]).unwrap();
+                let mut want = vec![-7.0f64; t * stride];
+                let mut scale = vec![0.0f64; t * stride];
+                let mut offset = 0;
+                let mut bound = vec![];
+                for &(dt, rows) in &parts {
+                    let (wq, wd) = weights(dt, rows, k, &mut rng);
+                    let w = GpuMatrix::upload(gpu, "w", dt, rows, k, &wq).unwrap();
+                    let out = OutRows { stride, offset };
+                    bound.extend(if mm {
+                        MatMul::new(gpu, dt, Epilogue::Store).unwrap().bind_into(gpu, &w, &xb, &yb, out, t).unwrap()
+                    } else {
+                        MatVec::new(gpu, dt, Epilogue::Store).unwrap().bind_into(gpu, &w, &xb, &yb, out, t).unwrap()
+                    });
+                    let r = reference(&wd, &x, rows, k);
+                    let sc = abs_scale(&wd, &x, rows, k);
+                    for v in 0..t {
+                        for j in 0..rows {
+                            want[v * stride + offset + j] = r[v * rows + j];
+                            scale[v * stride + offset + j] = sc[v * rows + j];
+                        }
+                    }
+                    offset += rows;
+                }
+                run_pass(gpu, |p| bound.iter().for_each(|(b, g)| b.record(p, *g))).unwrap();
+                let got: Vec<f32> = gpu.read(&yb, 0, t * stride).unwrap();
+                check(&format!("bind_into mm={mm} {:?}", gpu.flags()), &got, &want, &scale);
+            }
+            // An output range past the row stride is refused.
+            let (wq, _) = weights(DType::F32, 8, k, &mut rng);
+            let w = GpuMatrix::upload(gpu, "w", DType::F32, 8, k, &wq).unwrap();
+            let yb = gpu.storage("y", 4096).unwrap();
+            let mv = MatVec::new(gpu, DType::F32, Epilogue::Store).unwrap();
+            assert!(mv.bind_into(gpu, &w, &xb, &yb, OutRows { stride: 10, offset: 3 }, 1).is_err());
         }
     }
 
