@@ -20,13 +20,16 @@ limit="${DEMO_TIMEOUT:-900}"
 log() { printf 'demo-screenshot: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-if ! command -v xvfb-run >/dev/null 2>&1; then
-    command -v apt-get >/dev/null 2>&1 || die "xvfb-run not found; install Xvfb (package xvfb)"
+# Xvfb, and the X11 libraries winit loads at run time.
+if ! command -v xvfb-run >/dev/null 2>&1 || ! ldconfig -p 2>/dev/null | grep -q libxkbcommon-x11.so; then
+    command -v apt-get >/dev/null 2>&1 \
+        || die "install Xvfb (xvfb-run) and libxkbcommon-x11, libX11-xcb, libXcursor, libXrandr, libXi"
     sudo=""
     if [[ "$(id -u)" != 0 ]]; then sudo="sudo"; fi
-    log "installing xvfb"
+    log "installing xvfb and X11 client libraries"
     $sudo apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq xvfb xauth >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq xvfb xauth libxkbcommon-x11-0 \
+        libx11-xcb1 libxcursor1 libxrandr2 libxi6 >&2
 fi
 if ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1 && ! ls /etc/vulkan/icd.d/*.json >/dev/null 2>&1; then
     log "no Vulkan driver found; tools/install-deps.sh installs Mesa's software one (mesa-vulkan-drivers)"
