@@ -231,7 +231,7 @@ impl Plan {
         }
     }
 
-    /// Bytes of the KV cache and of the activations.
+    /// Bytes of the KV cache (keys and values of every layer, f16).
     pub fn kv_bytes(&self, c: &ModelConfig) -> u64 {
         self.shape(c).cache_bytes() * 2 * c.num_layers as u64
     }

@@ -80,7 +80,7 @@ pub struct GenerateOptions {
     pub max_tokens: usize,
     /// Stop at the model's end-of-sequence tokens.
     pub stop_at_eos: bool,
-    /// Set from another thread to stop after the current token.
+    /// Set from another thread to stop: checked between prefill chunks and after each token.
     pub stop: Option<Arc<AtomicBool>>,
 }
 
@@ -215,8 +215,14 @@ impl Session {
     }
 
     /// Makes the cache hold `ids`, computing only what differs from what it holds, and
-    /// samples the next token. Returns it and how many tokens were computed.
-    fn prefill(&mut self, ids: &[u32], sampling: &SamplingParams) -> Result<(u32, usize)> {
+    /// samples the next token. Returns it (None when `stop` was set between chunks: the cache
+    /// then holds what was computed) and how many tokens were computed.
+    fn prefill(
+        &mut self,
+        ids: &[u32],
+        sampling: &SamplingParams,
+        stop: Option<&AtomicBool>,
+    ) -> Result<(Option<u32>, usize)> {
         if ids.is_empty() {
             return Err(Error::InvalidArgument("empty prompt".into()));
         }
@@ -239,7 +245,6 @@ impl Session {
         prefill_sample.set_params(&gpu.queue, &SampleParams::new(self.model.config.vocab_size as u32, sampling));
         let chunk = self.plan.chunk as usize;
         let mut pos = start;
-        let mut next = 0;
         while pos < ids.len() {
             let n = chunk.min(ids.len() - pos);
             let last = pos + n == ids.len();
@@ -258,20 +263,23 @@ impl Session {
             if last {
                 let mut t = [0u32];
                 gpu.read_staging(&self.bufs.readback, &mut t)?;
-                next = t[0];
-            } else {
-                gpu.wait()?;
+                self.cached.extend_from_slice(&ids[pos..]);
+                return Ok((Some(t[0]), ids.len() - start));
             }
+            gpu.wait()?;
+            self.cached.extend_from_slice(&ids[pos..pos + n]);
             pos += n;
+            if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+                break;
+            }
         }
-        self.cached.extend_from_slice(&ids[start..]);
-        Ok((next, ids.len() - start))
+        Ok((None, pos - start))
     }
 
     /// Last-position logits after `ids` (inspection and tests; generation never reads them
     /// back).
     pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        self.prefill(ids, &SamplingParams::default())?;
+        self.prefill(ids, &SamplingParams::default(), None)?;
         self.model.gpu.read(&self.bufs.logits, 0, self.model.config.vocab_size)
     }
 
@@ -325,8 +333,19 @@ impl Session {
     ) -> Result<(Vec<u32>, GenerateStats)> {
         opts.sampling.validate()?;
         let t0 = Instant::now();
-        let (mut next, prefilled) = self.prefill(ids, &opts.sampling)?;
+        let (first, prefilled) = self.prefill(ids, &opts.sampling, opts.stop.as_deref())?;
         let prefill_time = t0.elapsed();
+        let Some(mut next) = first else {
+            let stats = GenerateStats {
+                prompt_tokens: ids.len(),
+                prefilled_tokens: prefilled,
+                generated_tokens: 0,
+                prefill_time,
+                decode_time: Duration::ZERO,
+                stop: StopReason::Cancelled,
+            };
+            return Ok((vec![], stats));
+        };
         let t1 = Instant::now();
         let model = self.model.clone();
         let tok = &model.tokenizer;

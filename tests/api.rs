@@ -71,5 +71,16 @@ fn app_owned_device_shared_model_and_cancellation() {
     assert_eq!(stats.stop, StopReason::Cancelled);
     assert!(stats.generated_tokens < 200, "{out:?}");
     assert_eq!(s.kv_usage().gpu_bytes, s.kv_bytes());
+
+    // A stop that is already set ends a long prompt's prefill after its first chunk; the cache
+    // keeps what was computed.
+    let mut s = Session::new(&model, &SessionOptions { max_ctx: Some(1024) }).unwrap();
+    let long: Vec<u32> = (0..600).map(|i| 1000 + i % 500).collect();
+    let opts = GenerateOptions { stop: Some(Arc::new(AtomicBool::new(true))), ..Default::default() };
+    let (out, stats) = s.generate(&long, &opts, |_, _| true).unwrap();
+    assert_eq!(stats.stop, StopReason::Cancelled);
+    assert!(out.is_empty());
+    assert!(stats.prefilled_tokens > 0 && stats.prefilled_tokens < long.len(), "{stats:?}");
+    assert_eq!(s.context_len(), stats.prefilled_tokens);
     assert!(s.context_len() > 0 && s.context_len() <= s.max_ctx());
 }
