@@ -191,8 +191,9 @@ pub struct Buffers {
     pub rope: GpuBuffer,
     pub k_cache: Vec<GpuBuffer>,
     pub v_cache: Vec<GpuBuffer>,
-    /// 4 bytes the CPU maps to read the sampled token.
-    pub readback: wgpu::Buffer,
+    /// 4 bytes the CPU maps to read a sampled token; two, so that one step can be read while
+    /// the next runs.
+    pub readback: [wgpu::Buffer; 2],
 }
 
 /// Sizes a session is built for.
@@ -281,7 +282,7 @@ impl Buffers {
             rope: gpu.upload("rope", &rope_table(&inv_freq, plan.max_ctx as usize))?,
             k_cache,
             v_cache,
-            readback: gpu.staging(4),
+            readback: [gpu.staging(4), gpu.staging(4)],
         })
     }
 }

@@ -257,12 +257,12 @@ impl Session {
                 record(&mut pass, steps, n as u32);
             }
             if last {
-                enc.copy_buffer_to_buffer(&self.bufs.tokens.buffer, 0, &self.bufs.readback, 0, 4);
+                enc.copy_buffer_to_buffer(&self.bufs.tokens.buffer, 0, &self.bufs.readback[0], 0, 4);
             }
             gpu.queue.submit([enc.finish()]);
             if last {
                 let mut t = [0u32];
-                gpu.read_staging(&self.bufs.readback, &mut t)?;
+                gpu.read_staging(&self.bufs.readback[0], &mut t)?;
                 self.cached.extend_from_slice(&ids[pos..]);
                 return Ok((Some(t[0]), ids.len() - start));
             }
@@ -283,19 +283,23 @@ impl Session {
         self.model.gpu.read(&self.bufs.logits, 0, self.model.config.vocab_size)
     }
 
-    /// Feeds the token the last step sampled and samples the next: one submit, 4 bytes back.
-    fn decode_step(&mut self, fed: u32) -> Result<u32> {
+    /// Submits one decode step: it feeds the token the previous step sampled (already on the
+    /// GPU) and copies the one it samples to readback slot `slot`. One submit.
+    fn submit_decode(&self, slot: usize) {
         let gpu = &self.model.gpu;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
             record(&mut pass, &self.dec.decode, 1);
         }
-        enc.copy_buffer_to_buffer(&self.bufs.tokens.buffer, 0, &self.bufs.readback, 0, 4);
+        enc.copy_buffer_to_buffer(&self.bufs.tokens.buffer, 0, &self.bufs.readback[slot], 0, 4);
         gpu.queue.submit([enc.finish()]);
+    }
+
+    /// Waits for the step that fills readback slot `slot` and returns its token (4 bytes).
+    fn read_token(&self, slot: usize) -> Result<u32> {
         let mut t = [0u32];
-        gpu.read_staging(&self.bufs.readback, &mut t)?;
-        self.cached.push(fed);
+        self.model.gpu.read_staging(&self.bufs.readback[slot], &mut t)?;
         Ok(t[0])
     }
 
@@ -351,6 +355,12 @@ impl Session {
         let tok = &model.tokenizer;
         let mut stream = tok.stream_decoder(true);
         let mut out = vec![];
+        // Steps run one ahead: the step after the current one is submitted before the current
+        // token is read back (the GPU feeds it on its own), so the GPU never waits for the
+        // host. A step submitted past the end computes a token nobody reads; its cache row
+        // lies beyond `cached` and is overwritten by whatever comes next.
+        let mut slot = 0;
+        let mut in_flight = false;
         let stop = loop {
             if opts.stop_at_eos && tok.is_eos(next) {
                 break StopReason::Eos;
@@ -366,8 +376,19 @@ impl Session {
             if self.cached.len() + 1 > self.max_ctx() {
                 break StopReason::ContextFull;
             }
-            next = self.decode_step(next)?;
+            if !in_flight {
+                self.submit_decode(slot);
+            }
+            let ahead = out.len() + 1 < opts.max_tokens && self.cached.len() + 2 <= self.max_ctx();
+            if ahead {
+                self.submit_decode(slot ^ 1);
+            }
+            let fed = next;
+            next = self.read_token(slot)?;
+            self.cached.push(fed);
             self.seen[next as usize / 32] |= 1 << (next % 32);
+            in_flight = ahead;
+            slot ^= 1;
         };
         let rest = stream.flush(tok)?;
         if !rest.is_empty() {
