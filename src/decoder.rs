@@ -210,17 +210,22 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(gpu: &Gpu, c: &ModelConfig, max_ctx: u32) -> Plan {
-        // Enough splits to fill a GPU at long contexts, few enough that merging stays cheap.
-        // A CPU device (lavapipe) runs one workgroup per core at a time: one split per core.
-        let decode_splits = if gpu.info.device_type == wgpu::DeviceType::Cpu {
-            std::thread::available_parallelism().map_or(2, |n| n.get() as u32).min(max_ctx.div_ceil(64)).clamp(1, 32)
-        } else {
-            max_ctx.div_ceil(256).clamp(1, 32)
-        };
+        let decode_splits = Plan::decode_splits(gpu, max_ctx);
         // The logits of a whole chunk must fit one binding (perplexity reads them all).
         let by_logits = (gpu.caps.max_binding / (c.vocab_size as u64 * 4)).max(1) as u32;
         let chunk = 256.min(by_logits).min(max_ctx).max(1);
         Plan { max_ctx, chunk, decode_splits, prefill_splits: 1 }
+    }
+
+    /// Key ranges per query when decoding with a cache of `max_ctx` positions: enough to fill
+    /// a GPU at long contexts, few enough that merging stays cheap. A CPU device (lavapipe)
+    /// runs one workgroup per core at a time: one split per core.
+    pub fn decode_splits(gpu: &Gpu, max_ctx: u32) -> u32 {
+        if gpu.info.device_type == wgpu::DeviceType::Cpu {
+            std::thread::available_parallelism().map_or(2, |n| n.get() as u32).min(max_ctx.div_ceil(64)).clamp(1, 32)
+        } else {
+            max_ctx.div_ceil(256).clamp(1, 32)
+        }
     }
 
     pub fn shape(&self, c: &ModelConfig) -> AttnShape {

@@ -25,6 +25,7 @@
 //! Errors are [`Error`] values; nothing panics on user input. An app that already owns a wgpu
 //! device hands it in with [`Gpu::from_device`] and [`Model::load_on`].
 
+pub mod bench;
 pub mod decoder;
 pub mod error;
 pub mod gpu;

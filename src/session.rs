@@ -303,6 +303,43 @@ impl Session {
         Ok(t[0])
     }
 
+    /// For benchmarks: `steps` more decode steps continuing the last generation, one submit
+    /// each as in [`Session::generate`] but nothing read back, so the GPU runs them back to
+    /// back. Returns the host time spent recording and submitting them, and each step's GPU
+    /// time when `timer` has timestamps. Nobody reads the tokens these steps produce, so the
+    /// session forgets its conversation afterwards.
+    pub fn profile_decode(
+        &mut self,
+        steps: u32,
+        timer: &crate::bench::GpuTimer,
+    ) -> Result<(Duration, Option<Vec<f64>>)> {
+        if self.cached.is_empty() {
+            return Err(Error::InvalidArgument("profile_decode continues a generation: generate first".into()));
+        }
+        // The last sampled token is not in the cache yet: the first step adds it.
+        let needed = self.cached.len() + 1 + steps as usize;
+        if needed > self.max_ctx() {
+            return Err(Error::ContextFull { needed, limit: self.max_ctx() });
+        }
+        let gpu = &self.model.gpu;
+        let mut host = Duration::ZERO;
+        for i in 0..steps {
+            let t = Instant::now();
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            {
+                let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: timer.writes(i) };
+                let mut pass = enc.begin_compute_pass(&desc);
+                record(&mut pass, &self.dec.decode, 1);
+            }
+            gpu.queue.submit([enc.finish()]);
+            host += t.elapsed();
+        }
+        let times = timer.collect(gpu, steps)?;
+        gpu.wait()?;
+        self.cached.clear();
+        Ok((host, times))
+    }
+
     /// Continues the context `ids` (the whole conversation so far; what the cache already
     /// holds is reused), calling `on_token(id, text)` for each new token; `on_token` returns
     /// false to stop. `opts.stop` stops it from another thread.

@@ -1,6 +1,10 @@
 //! The `longwave` command line: generate, chat, ppl, info, convert, bench.
 
 use clap::{Args, Parser, Subcommand};
+use longwave::bench::decode::DecodeBenchOptions;
+use longwave::bench::kernels::{shape_by_name, KernelBenchOptions};
+use longwave::bench::Row;
+use longwave::model::quant::DType;
 use longwave::model::{default_model_path, ChatMessage, ModelFiles};
 use longwave::{GenerateOptions, GenerateStats, Gpu, GpuOptions, Model, SamplingParams, Session, SessionOptions};
 use std::io::{BufRead, Write};
@@ -67,17 +71,54 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Prefill and decode tokens/s at given context lengths.
+    /// Benchmarks: `bench decode` (a model's prefill/decode rates) and `bench kernels`
+    /// (every kernel at real model shapes).
     Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Prefill and decode tokens/s at context lengths from 512 to the model's limit, with the
+    /// host's and the GPU's time per decoded token.
+    Decode {
         #[command(flatten)]
         m: ModelArgs,
-        /// Prompt lengths to measure at.
-        #[arg(long, value_delimiter = ',', default_values_t = vec![128usize])]
+        /// Prompt lengths to measure at (default: 512, 1024, ... up to the model's limit).
+        #[arg(long, value_delimiter = ',')]
         contexts: Vec<usize>,
-        /// Tokens decoded per measurement.
-        #[arg(long, default_value_t = 32)]
+        /// Tokens generated per measurement.
+        #[arg(long, default_value_t = 128)]
         decode_tokens: usize,
-        /// One JSON object per line.
+        /// Extra steps run back to back to time the host's and the GPU's share.
+        #[arg(long, default_value_t = 32)]
+        profile_steps: u32,
+        /// One JSON object per line and context.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every kernel at SmolLM2-135M and Llama-3-8B shapes with GPU timestamps, against the
+    /// adapter's copy bandwidth and f32 peak.
+    Kernels {
+        /// Adapter name substring or index; also LONGWAVE_ADAPTER.
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Model shapes (default: both on a GPU, smollm2-135m on a CPU adapter).
+        #[arg(long, value_delimiter = ',')]
+        shapes: Vec<String>,
+        /// Weight formats (default: f16,q8_0,q4_0,q4_1).
+        #[arg(long, value_delimiter = ',')]
+        dtypes: Vec<String>,
+        /// Only kernels whose name contains this (e.g. matvec, attend).
+        #[arg(long)]
+        filter: Option<String>,
+        #[arg(long)]
+        no_f16: bool,
+        #[arg(long)]
+        no_subgroups: bool,
+        /// One JSON object per line and kernel.
         #[arg(long)]
         json: bool,
     },
@@ -336,41 +377,74 @@ fn run(cli: Cli) -> longwave::Result<()> {
             longwave::model::convert::convert_to_hf(&files, &out)?;
             eprintln!("wrote {}", out.display());
         }
-        Cmd::Bench { m, contexts, decode_tokens, json } => {
+        Cmd::Bench { what: BenchCmd::Decode { m, contexts, decode_tokens, profile_steps, json } } => {
             let model = m.load()?;
-            let mut session = m.session(&model)?;
-            let vocab = model.config.vocab_size as u32;
-            for &ctx in &contexts {
-                if ctx + decode_tokens > session.max_ctx() {
-                    return Err(longwave::Error::ContextFull { needed: ctx + decode_tokens, limit: session.max_ctx() });
-                }
-                // A deterministic pseudo-random prompt: every position costs the same.
-                let ids: Vec<u32> = (0..ctx as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
-                session.reset();
-                let opts = GenerateOptions { max_tokens: decode_tokens, stop_at_eos: false, ..Default::default() };
-                let (_, st) = session.generate(&ids, &opts, |_, _| true)?;
-                let host_ms = st.decode_time.as_secs_f64() * 1e3 / (st.generated_tokens.max(2) - 1) as f64;
+            let contexts = if contexts.is_empty() {
+                let cap = m.ctx.unwrap_or(usize::MAX);
+                DecodeBenchOptions::default_contexts(&model, cap, decode_tokens, profile_steps)
+            } else {
+                contexts
+            };
+            let opts = DecodeBenchOptions { contexts, decode_tokens, profile_steps };
+            if !json {
+                println!(
+                    "{:>8} {:>12} {:>12} {:>10} {:>10} {:>10}",
+                    "context", "prefill t/s", "decode t/s", "ms/token", "host ms", "gpu ms"
+                );
+            }
+            longwave::bench::decode::run(&model, &opts, &mut |r| {
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "model": model.source.display().to_string(),
-                            "adapter": model.gpu.describe(),
-                            "context": ctx,
-                            "prefill_tok_s": st.prefill_tok_s(),
-                            "decode_tok_s": st.decode_tok_s(),
-                            "ms_per_token": host_ms,
-                        })
-                    );
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
                 } else {
+                    let gpu = r.gpu_ms_per_token.map_or("-".to_string(), |g| format!("{g:.3}"));
                     println!(
-                        "context {ctx:>6}: prefill {:>8.1} tok/s, decode {:>7.1} tok/s ({:.2} ms/token) on {}",
-                        st.prefill_tok_s(),
-                        st.decode_tok_s(),
-                        host_ms,
-                        model.gpu.describe()
+                        "{:>8} {:>12.1} {:>12.1} {:>10.3} {:>10.3} {:>10}",
+                        r.context, r.prefill_tok_s, r.decode_tok_s, r.ms_per_token, r.host_ms_per_token, gpu
                     );
                 }
+            })?;
+            if !json {
+                println!("model {} on {}", model.source.display(), model.gpu.describe());
+            }
+        }
+        Cmd::Bench { what: BenchCmd::Kernels { adapter, shapes, dtypes, filter, no_f16, no_subgroups, json } } => {
+            let gpu = Gpu::new(&GpuOptions { adapter, no_f16, no_subgroups, ..Default::default() })?;
+            let mut opts = KernelBenchOptions::for_adapter(&gpu);
+            if !shapes.is_empty() {
+                opts.shapes = shapes.iter().map(|s| shape_by_name(s)).collect::<longwave::Result<_>>()?;
+            }
+            if !dtypes.is_empty() {
+                opts.dtypes = dtypes
+                    .iter()
+                    .map(|d| {
+                        DType::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(d)).ok_or_else(|| {
+                            longwave::Error::InvalidArgument(format!(
+                                "unknown weight format {d:?}; known: f32, f16, bf16, q8_0, q4_0, q4_1"
+                            ))
+                        })
+                    })
+                    .collect::<longwave::Result<_>>()?;
+            }
+            opts.filter = filter;
+            let timer = longwave::bench::GpuTimer::new(&gpu, 1);
+            eprintln!("adapter: {} (caps {:?}); timing by {}", gpu.describe(), gpu.flags(), timer.source());
+            if !json {
+                println!("{}", Row::table_header());
+            }
+            let peaks = longwave::bench::kernels::run(&gpu, &opts, &mut |r| {
+                if json {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                } else {
+                    println!("{}", r.table_line());
+                }
+            })?;
+            if !json {
+                println!(
+                    "copy bandwidth {:.1} GB/s, f32 fma peak {:.1} GFLOP/s on {}",
+                    peaks.copy_gb_s,
+                    peaks.fma_gflop_s,
+                    gpu.describe()
+                );
             }
         }
     }

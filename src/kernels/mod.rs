@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod embedding;
 pub mod matmul;
+pub mod probe;
 pub mod rms_norm;
 pub mod sampling;
 

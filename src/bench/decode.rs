@@ -1,0 +1,99 @@
+//! Prefill and decode rates of a loaded model at several context lengths
+//! (`longwave bench decode`).
+//!
+//! Each context: a pseudo-random prompt of that many tokens is prefilled, then
+//! `decode_tokens` tokens are generated exactly as `generate` does (wall clock, one submit and
+//! a 4-byte readback per token, pipelined one step ahead). Then `profile_steps` more steps run
+//! back to back to separate the host's share (recording and submitting a step) from the GPU's
+//! (timestamps around each step's pass).
+
+use super::GpuTimer;
+use crate::error::{Error, Result};
+use crate::session::{GenerateOptions, Model, Session, SessionOptions};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DecodeRow {
+    pub model: String,
+    pub adapter: String,
+    /// Prompt tokens before decoding starts.
+    pub context: usize,
+    pub prefill_tok_s: f64,
+    /// Wall-clock rate of `generate`, host overhead and readback included.
+    pub decode_tok_s: f64,
+    /// Wall-clock milliseconds per generated token.
+    pub ms_per_token: f64,
+    /// Host time to record and submit one step.
+    pub host_ms_per_token: f64,
+    /// GPU time of one step (median over the profiled steps); None without timestamps.
+    pub gpu_ms_per_token: Option<f64>,
+    pub decode_tokens: usize,
+    pub weight_bytes: u64,
+}
+
+pub struct DecodeBenchOptions {
+    pub contexts: Vec<usize>,
+    pub decode_tokens: usize,
+    pub profile_steps: u32,
+}
+
+impl DecodeBenchOptions {
+    /// Powers of two from 512 up to the model's limit (capped at `max_ctx`), and the limit.
+    pub fn default_contexts(model: &Model, max_ctx: usize, decode_tokens: usize, profile_steps: u32) -> Vec<usize> {
+        let limit = model.config.max_position_embeddings.min(max_ctx);
+        let last = limit.saturating_sub(decode_tokens + profile_steps as usize + 1);
+        let mut v: Vec<usize> = (9..30).map(|p| 1usize << p).take_while(|&c| c < last).collect();
+        if last > 0 {
+            v.push(last);
+        }
+        v
+    }
+}
+
+/// Context a session needs for `opts`.
+pub fn needed_ctx(opts: &DecodeBenchOptions) -> usize {
+    opts.contexts.iter().max().copied().unwrap_or(0) + opts.decode_tokens + opts.profile_steps as usize + 1
+}
+
+/// Measures every context of `opts`, calling `on_row` after each.
+pub fn run(model: &Arc<Model>, opts: &DecodeBenchOptions, on_row: &mut dyn FnMut(&DecodeRow)) -> Result<()> {
+    if opts.decode_tokens < 2 || opts.profile_steps == 0 {
+        return Err(Error::InvalidArgument(
+            "decode benchmarks need at least 2 decode tokens and 1 profiled step".into(),
+        ));
+    }
+    let max_ctx = needed_ctx(opts);
+    let mut session = Session::new(model, &SessionOptions { max_ctx: Some(max_ctx) })?;
+    let timer = GpuTimer::new(&model.gpu, opts.profile_steps);
+    let vocab = model.config.vocab_size as u32;
+    for &ctx in &opts.contexts {
+        if ctx == 0 {
+            return Err(Error::InvalidArgument("context lengths must be positive".into()));
+        }
+        // A deterministic pseudo-random prompt: every position costs the same.
+        let ids: Vec<u32> = (0..ctx as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+        session.reset();
+        let gen = GenerateOptions { max_tokens: opts.decode_tokens, stop_at_eos: false, ..Default::default() };
+        let (_, st) = session.generate(&ids, &gen, |_, _| true)?;
+        // The first token comes from the prefill; decode time covers the rest.
+        let ms = st.decode_time.as_secs_f64() * 1e3 / (st.generated_tokens.max(2) - 1) as f64;
+        let (host, gpu_times) = session.profile_decode(opts.profile_steps, &timer)?;
+        let gpu_ms = gpu_times.map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2] * 1e3
+        });
+        on_row(&DecodeRow {
+            model: model.source.display().to_string(),
+            adapter: model.gpu.describe(),
+            context: ctx,
+            prefill_tok_s: st.prefill_tok_s(),
+            decode_tok_s: st.decode_tok_s(),
+            ms_per_token: ms,
+            host_ms_per_token: host.as_secs_f64() * 1e3 / opts.profile_steps.max(1) as f64,
+            gpu_ms_per_token: gpu_ms,
+            decode_tokens: opts.decode_tokens,
+            weight_bytes: model.weight_bytes(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,421 @@
+//! Every kernel at the shapes of real models, timed on the GPU and reported against the
+//! adapter's copy bandwidth and f32 peak measured in the same run.
+//!
+//! Weights are random (their values don't change the work). Small matrices are repeated in
+//! several buffers that the timed dispatches cycle through, so a matrix is not served from a
+//! cache that a real model (hundreds of such matrices) would have long evicted.
+
+use super::{GpuTimer, Peaks, Row};
+use crate::decoder::Plan;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::kernels::attention::{rope_table, AttentionKernels, AttnShape};
+use crate::kernels::embedding::Embedding;
+use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec};
+use crate::kernels::probe::{fma_flops, Probes, COPY_GROUPS};
+use crate::kernels::rms_norm::RmsNorm;
+use crate::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
+use crate::kernels::Bound;
+use crate::model::quant::{quantize, DType};
+
+/// The layer shapes of a model family, enough to size every kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchShape {
+    pub name: &'static str,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    /// Context lengths the attention kernels are timed at.
+    pub contexts: &'static [u32],
+}
+
+pub const SHAPES: [BenchShape; 2] = [
+    BenchShape {
+        name: "smollm2-135m",
+        hidden: 576,
+        intermediate: 1536,
+        n_heads: 9,
+        n_kv: 3,
+        head_dim: 64,
+        vocab: 49152,
+        contexts: &[1024, 8192],
+    },
+    BenchShape {
+        name: "llama3-8b",
+        hidden: 4096,
+        intermediate: 14336,
+        n_heads: 32,
+        n_kv: 8,
+        head_dim: 128,
+        vocab: 128256,
+        contexts: &[1024, 16384],
+    },
+];
+
+pub fn shape_by_name(name: &str) -> Result<BenchShape> {
+    SHAPES.iter().find(|s| s.name == name).copied().ok_or_else(|| {
+        let names: Vec<&str> = SHAPES.iter().map(|s| s.name).collect();
+        Error::InvalidArgument(format!("unknown shape {name:?}; known: {names:?}"))
+    })
+}
+
+pub struct KernelBenchOptions {
+    pub shapes: Vec<BenchShape>,
+    pub dtypes: Vec<DType>,
+    /// Only kernels whose name contains this.
+    pub filter: Option<String>,
+    /// Tokens per prefill product (the session's chunk).
+    pub prefill_tokens: u32,
+    /// Timed passes per kernel; the best counts.
+    pub trials: u32,
+    /// Context lengths for the attention kernels instead of each shape's own.
+    pub contexts: Option<Vec<u32>>,
+}
+
+impl KernelBenchOptions {
+    /// Both shapes and the formats models ship in, on a GPU; only the small shape on a CPU
+    /// adapter, where the large one takes minutes.
+    pub fn for_adapter(gpu: &Gpu) -> KernelBenchOptions {
+        let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
+        KernelBenchOptions {
+            shapes: if cpu { SHAPES[..1].to_vec() } else { SHAPES.to_vec() },
+            dtypes: vec![DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1],
+            filter: None,
+            prefill_tokens: 256,
+            trials: if cpu { 2 } else { 5 },
+            contexts: None,
+        }
+    }
+}
+
+/// Runs the probes and every kernel, calling `on_row` as each is measured.
+pub fn run(gpu: &Gpu, opts: &KernelBenchOptions, on_row: &mut dyn FnMut(&Row)) -> Result<Peaks> {
+    let b = Bench::new(gpu, opts)?;
+    let peaks = b.probes(on_row)?;
+    for sh in &opts.shapes {
+        b.products(sh, &peaks, on_row)?;
+        b.attention(sh, &peaks, on_row)?;
+        b.others(sh, &peaks, on_row)?;
+    }
+    Ok(peaks)
+}
+
+struct Bench<'a> {
+    gpu: &'a Gpu,
+    opts: &'a KernelBenchOptions,
+    timer: GpuTimer,
+    cpu: bool,
+}
+
+impl Bench<'_> {
+    fn new<'a>(gpu: &'a Gpu, opts: &'a KernelBenchOptions) -> Result<Bench<'a>> {
+        let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
+        Ok(Bench { gpu, opts, timer: GpuTimer::new(gpu, opts.trials), cpu })
+    }
+
+    fn wanted(&self, kernel: &str) -> bool {
+        self.opts.filter.as_ref().is_none_or(|f| kernel.contains(f.as_str()))
+    }
+
+    /// Dispatches per timed pass: enough to dwarf the pass's fixed cost on a GPU.
+    fn reps(&self, copies: usize) -> u32 {
+        (copies as u32).max(if self.cpu { 2 } else { 20 })
+    }
+
+    /// Seconds per dispatch set, cycling through `sets` (each a list of dispatches).
+    fn time_sets(&self, sets: &[Vec<(Bound, [u32; 3])>]) -> Result<f64> {
+        let reps = self.reps(sets.len());
+        self.timer.time(self.gpu, reps, self.opts.trials, &|pass, r| {
+            for (b, g) in &sets[r as usize % sets.len()] {
+                b.record(pass, *g);
+            }
+        })
+    }
+
+    /// How many copies of a `bytes`-sized operand keep the timed loop out of the caches.
+    fn copies(&self, bytes: u64) -> usize {
+        let span: u64 = if self.cpu { 16 << 20 } else { 512 << 20 };
+        span.div_ceil(bytes.max(1)).clamp(1, 64) as usize
+    }
+
+    fn probes(&self, on_row: &mut dyn FnMut(&Row)) -> Result<Peaks> {
+        let gpu = self.gpu;
+        let p = Probes::new(gpu)?;
+        let bytes = (if self.cpu { 64u64 << 20 } else { 1 << 30 }).min(gpu.caps.max_binding) / 16 * 16;
+        let src = gpu.storage("copy src", bytes)?;
+        let dst = gpu.storage("copy dst", bytes)?;
+        let copy = p.bind_copy(gpu, &src, &dst);
+        let t = self.timer.time(gpu, 4, self.opts.trials, &|pass, _| copy.record(pass, [COPY_GROUPS, 1, 1]))?;
+        let copy_gb_s = 2.0 * bytes as f64 / t / 1e9;
+        drop((src, dst));
+        let groups = if self.cpu { 16 } else { 8192 };
+        let iters = if self.cpu { 256 } else { 4096 };
+        let out = gpu.storage("fma out", groups as u64 * 256 * 4)?;
+        let fma = p.bind_fma(gpu, &out, iters);
+        let t_fma = self.timer.time(gpu, 2, self.opts.trials, &|pass, _| fma.record(pass, [groups, 1, 1]))?;
+        let flops = fma_flops(groups as u64 * 256, iters);
+        let peaks = Peaks { copy_gb_s, fma_gflop_s: flops / t_fma / 1e9 };
+        let row = |k: &str, size: String, t: f64, bytes: f64, flops: f64| {
+            Row::new(k, "probe", "-", size, t, bytes, flops, &peaks, gpu, &self.timer)
+        };
+        on_row(&row("copy", format!("{} MiB", bytes >> 20), t, 2.0 * bytes as f64, 0.0));
+        on_row(&row("fma", format!("{} threads x {iters}", groups * 256), t_fma, 0.0, flops));
+        Ok(peaks)
+    }
+
+    /// A random `[rows, cols]` matrix in `dtype`: a few distinct quantized rows repeated, so
+    /// large matrices are quick to make.
+    fn matrix(&self, label: &str, dtype: DType, rows: usize, cols: usize, seed: u64) -> Result<GpuMatrix> {
+        let distinct = rows.min(16);
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        let x: Vec<f32> = (0..distinct * cols)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+            })
+            .collect();
+        let q = quantize(dtype, &x);
+        let row_bytes = q.len() / distinct;
+        let mut bytes = Vec::with_capacity(rows * row_bytes);
+        while bytes.len() < rows * row_bytes {
+            let take = (rows * row_bytes - bytes.len()).min(q.len());
+            bytes.extend_from_slice(&q[..take]);
+        }
+        GpuMatrix::upload(self.gpu, label, dtype, rows, cols, &bytes)
+    }
+
+    /// Matrix-vector (decode) and matrix-matrix (prefill) products of every layer matrix.
+    fn products(&self, sh: &BenchShape, peaks: &Peaks, on_row: &mut dyn FnMut(&Row)) -> Result<()> {
+        let gpu = self.gpu;
+        let (h, f) = (sh.hidden, sh.intermediate);
+        let qkv = (sh.n_heads + 2 * sh.n_kv) * sh.head_dim;
+        let t = self.opts.prefill_tokens as usize;
+        // (name, rows, cols, epilogue, also as a prefill product)
+        let mats = [
+            ("qkv", qkv, h, Epilogue::Store, true),
+            ("o", h, sh.n_heads * sh.head_dim, Epilogue::Add, true),
+            ("gate_up", f, h, Epilogue::SwiGlu, true),
+            ("down", h, f, Epilogue::Add, true),
+            ("lm_head", sh.vocab, h, Epilogue::Store, false),
+        ];
+        let x = gpu.storage("x", (t * f.max(h)) as u64 * 4)?;
+        let y = gpu.storage("y", (t * sh.vocab.max(f)) as u64 * 4)?;
+        for &dtype in &self.opts.dtypes {
+            for (i, &(name, rows, cols, epi, prefill)) in mats.iter().enumerate() {
+                let (mv_name, mm_name) = (format!("matvec_{name}"), format!("matmul_{name}"));
+                let want_mm = prefill && self.wanted(&mm_name);
+                let want_embed = name == "lm_head" && self.wanted("embedding");
+                if !self.wanted(&mv_name) && !want_mm && !want_embed {
+                    continue;
+                }
+                let n_mats = if epi == Epilogue::SwiGlu { 2 } else { 1 };
+                let w_bytes = (dtype.row_bytes(cols).unwrap_or(0) * rows * n_mats) as u64;
+                let copies = self.copies(w_bytes);
+                let mut ws = vec![];
+                for c in 0..copies * n_mats {
+                    ws.push(self.matrix(name, dtype, rows, cols, (i * 1000 + c) as u64)?);
+                }
+                let pairs: Vec<&[GpuMatrix]> = ws.chunks(n_mats).collect();
+                let size = |n: usize| format!("{}{rows}x{cols} n={n}", if n_mats == 2 { "2x" } else { "" });
+                let flops = 2.0 * (rows * cols * n_mats) as f64;
+                let act = |n: usize| ((n * cols + n * rows) * 4) as f64;
+                if self.wanted(&mv_name) {
+                    let k = MatVec::new(gpu, dtype, epi)?;
+                    let sets = pairs
+                        .iter()
+                        .map(|p| match epi {
+                            Epilogue::SwiGlu => k.bind_swiglu(gpu, &p[0], &p[1], &x, 0, &y, 1),
+                            _ => k.bind(gpu, &p[0], &x, 0, &y, 1),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let s = self.time_sets(&sets)?;
+                    let bytes = w_bytes as f64 + act(1);
+                    on_row(&Row::new(
+                        &mv_name,
+                        sh.name,
+                        dtype.name(),
+                        size(1),
+                        s,
+                        bytes,
+                        flops,
+                        peaks,
+                        gpu,
+                        &self.timer,
+                    ));
+                }
+                if want_mm {
+                    let k = MatMul::new(gpu, dtype, epi)?;
+                    let sets = pairs
+                        .iter()
+                        .map(|p| match epi {
+                            Epilogue::SwiGlu => k.bind_swiglu(gpu, &p[0], &p[1], &x, 0, &y, t),
+                            _ => k.bind(gpu, &p[0], &x, 0, &y, t),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let s = self.time_sets(&sets)?;
+                    let bytes = w_bytes as f64 + act(t);
+                    let fl = flops * t as f64;
+                    on_row(&Row::new(&mm_name, sh.name, dtype.name(), size(t), s, bytes, fl, peaks, gpu, &self.timer));
+                }
+                if want_embed {
+                    let k = Embedding::new(gpu, dtype)?;
+                    let ids: Vec<u32> = (0..t as u32).map(|i| i.wrapping_mul(2654435761) % rows as u32).collect();
+                    let tokens = gpu.upload("tokens", &ids)?;
+                    let sets = vec![k.bind(gpu, &ws[0], &tokens, 0, &x, t)?];
+                    let s = self.time_sets(&sets)?;
+                    let row_bytes = dtype.row_bytes(cols).unwrap_or(0) as f64;
+                    let bytes = t as f64 * (row_bytes + cols as f64 * 4.0);
+                    let sz = format!("{t} of {rows}x{cols}");
+                    on_row(&Row::new("embedding", sh.name, dtype.name(), sz, s, bytes, 0.0, peaks, gpu, &self.timer));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// RoPE + cache append, split-K decode attention with its merge, and prefill attention.
+    fn attention(&self, sh: &BenchShape, peaks: &Peaks, on_row: &mut dyn FnMut(&Row)) -> Result<()> {
+        let gpu = self.gpu;
+        let k = AttentionKernels::new(gpu)?;
+        let (nh, nkv, hd) = (sh.n_heads as u32, sh.n_kv as u32, sh.head_dim as u32);
+        let t = self.opts.prefill_tokens;
+        for &ctx in self.opts.contexts.as_deref().unwrap_or(sh.contexts) {
+            let a = AttnShape { n_heads: nh, n_kv: nkv, head_dim: hd, max_ctx: ctx };
+            if a.cache_bytes() > gpu.caps.max_binding {
+                continue;
+            }
+            let splits = Plan::decode_splits(gpu, ctx);
+            let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32)).collect();
+            let rope = gpu.upload("rope", &rope_table(&inv_freq, ctx as usize))?;
+            let qkv = gpu.storage("qkv", (t * (nh + 2 * nkv) * hd) as u64 * 4)?;
+            let q = gpu.storage("q", (t * nh * hd) as u64 * 4)?;
+            let kc = gpu.storage("k cache", a.cache_bytes())?;
+            let vc = gpu.storage("v cache", a.cache_bytes())?;
+            let part = gpu.storage("partials", a.partial_floats(t.max(1), splits.max(1)) * 4)?;
+            let out = gpu.storage("attn", (t * nh * hd) as u64 * 4)?;
+            let decode_state = gpu.upload("state", &[ctx - 1, 1, 0, 0])?;
+            let cache_read = 2.0 * (ctx * nkv * hd) as f64 * 2.0;
+            let row = |kernel: &str, size: String, s: f64, bytes: f64, flops: f64| {
+                Row::new(kernel, sh.name, "f16kv", size, s, bytes, flops, peaks, gpu, &self.timer)
+            };
+            if self.wanted("rope_kv") {
+                let b = k.bind_rope_kv(gpu, a, &decode_state, &rope, &qkv, &q, &kc, &vc);
+                let s = self.time_sets(&[vec![(b, AttentionKernels::rope_groups(a, 1))]])?;
+                let bytes = ((nh + 2 * nkv) * hd * 4 + nh * hd * 4 + 2 * nkv * hd * 2 + hd * 4) as f64;
+                on_row(&row("rope_kv", format!("pos={}", ctx - 1), s, bytes, 0.0));
+            }
+            if self.wanted("attend_decode") {
+                let b = k.bind_attend(gpu, a, splits, &decode_state, &q, &kc, &vc, &part);
+                let s = self.time_sets(&[vec![(b, AttentionKernels::attend_groups(a, splits, 1))]])?;
+                let flops = 4.0 * (nh * hd * ctx) as f64;
+                on_row(&row("attend_decode", format!("ctx={ctx} splits={splits}"), s, cache_read, flops));
+            }
+            if self.wanted("attn_merge") {
+                let b = k.bind_merge(gpu, a, splits, &decode_state, &part, &out);
+                let s = self.time_sets(&[vec![(b, AttentionKernels::merge_groups(a, 1))]])?;
+                let bytes = (a.partial_floats(1, splits) * 4 + (nh * hd * 4) as u64) as f64;
+                on_row(&row("attn_merge", format!("splits={splits}"), s, bytes, 0.0));
+            }
+            if self.wanted("attend_prefill") && ctx >= t {
+                // The last chunk of a prompt of `ctx` tokens: t queries over up to ctx keys.
+                let state = gpu.upload("state", &[ctx - t, t, 0, 0])?;
+                let b = k.bind_attend(gpu, a, 1, &state, &q, &kc, &vc, &part);
+                let s = self.time_sets(&[vec![(b, AttentionKernels::attend_groups(a, 1, t))]])?;
+                let keys = (ctx - t) as f64 * t as f64 + (t as f64 * (t as f64 + 1.0)) / 2.0;
+                let flops = 4.0 * (nh * hd) as f64 * keys;
+                on_row(&row("attend_prefill", format!("ctx={ctx} n={t}"), s, cache_read, flops));
+            }
+        }
+        Ok(())
+    }
+
+    /// Norms and the sampler.
+    fn others(&self, sh: &BenchShape, peaks: &Peaks, on_row: &mut dyn FnMut(&Row)) -> Result<()> {
+        let gpu = self.gpu;
+        let t = self.opts.prefill_tokens;
+        let h = sh.hidden as u32;
+        if self.wanted("rms_norm") {
+            let k = RmsNorm::new(gpu)?;
+            let x = gpu.storage("x", (t * h) as u64 * 4)?;
+            let w = gpu.upload("w", &vec![1f32; h as usize])?;
+            let y = gpu.storage("y", (t * h) as u64 * 4)?;
+            for rows in [1, t] {
+                let b = k.bind(gpu, &x, &w, &y, rows, h, 1e-5);
+                let s = self.time_sets(&[vec![(b, crate::kernels::rms_norm::groups(rows))]])?;
+                let bytes = (2 * rows * h * 4 + h * 4) as f64;
+                let r =
+                    Row::new("rms_norm", sh.name, "-", format!("{rows}x{h}"), s, bytes, 0.0, peaks, gpu, &self.timer);
+                on_row(&r);
+            }
+        }
+        if self.wanted("sample") {
+            let k = SamplingKernels::new(gpu)?;
+            let v = sh.vocab as u32;
+            let logits: Vec<f32> =
+                (0..v).map(|i| ((i.wrapping_mul(2654435761) >> 8) as f32 / 16777216.0) * 20.0).collect();
+            let logits = gpu.upload("logits", &logits)?;
+            let seen = gpu.storage("seen", v.div_ceil(32) as u64 * 4)?;
+            let tokens = gpu.storage("tokens", 16)?;
+            let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+            let nucleus = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, ..Default::default() };
+            for (label, sp) in [("greedy", greedy), ("t=0.8 k=40 p=0.95", nucleus)] {
+                let state = gpu.storage("state", 16)?;
+                let b = k.bind_sample(gpu, v, &logits, &seen, &state, &tokens);
+                b.set_params(&gpu.queue, &SampleParams::new(v, &sp));
+                let s = self.time_sets(&[vec![(b, [1, 1, 1])]])?;
+                let bytes = v as f64 * 4.0;
+                let r =
+                    Row::new("sample", sh.name, "-", format!("{label} v={v}"), s, bytes, 0.0, peaks, gpu, &self.timer);
+                on_row(&r);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::variants;
+
+    /// The harness runs every kernel on a small adapter without error and reports sane rates.
+    #[test]
+    fn harness_times_every_kernel() {
+        let gpu = &variants()[0];
+        let mut opts = KernelBenchOptions::for_adapter(gpu);
+        opts.dtypes = vec![DType::Q4_1];
+        opts.prefill_tokens = 64;
+        opts.trials = 1;
+        opts.contexts = Some(vec![200]);
+        let mut rows = vec![];
+        let peaks = run(gpu, &opts, &mut |r| rows.push(r.clone())).unwrap();
+        assert!(peaks.copy_gb_s > 0.0 && peaks.fma_gflop_s > 0.0);
+        let kernels: Vec<&str> = rows.iter().map(|r| r.kernel.as_str()).collect();
+        for k in [
+            "copy",
+            "fma",
+            "matvec_qkv",
+            "matvec_gate_up",
+            "matvec_lm_head",
+            "matmul_down",
+            "embedding",
+            "rope_kv",
+            "attend_decode",
+            "attn_merge",
+            "attend_prefill",
+            "rms_norm",
+            "sample",
+        ] {
+            assert!(kernels.contains(&k), "{k} missing from {kernels:?}");
+        }
+        for r in &rows {
+            assert!(r.us.is_finite() && r.us > 0.0, "{r:?}");
+            assert!(r.gb_s.is_finite() && r.gflop_s.is_finite(), "{r:?}");
+        }
+    }
+}
