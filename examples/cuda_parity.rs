@@ -1,0 +1,280 @@
+//! The wgpu half of the CUDA parity check (`tests/cuda/parity.py` drives it).
+//!
+//! `cuda_parity kernels OUT.safetensors [--shapes smollm2-135m,llama3-8b]` runs every kernel on
+//! random inputs at real model sizes and writes inputs and outputs; each case's metadata entry
+//! (a JSON object keyed by the case name) says what the operation is, so PyTorch can redo it.
+//!
+//! `cuda_parity logits --model PATH --ids 1,2,3 --at 4,8 OUT.safetensors` writes the logits of
+//! the last position after each prefix length in `--at` and the per-token NLL over all ids.
+
+use half::f16;
+use longwave::bench::kernels::{shape_by_name, BenchShape};
+use longwave::decoder::Plan;
+use longwave::gpu::{Gpu, GpuBuffer};
+use longwave::kernels::attention::{rope_table, AttentionKernels, AttnShape};
+use longwave::kernels::embedding::Embedding;
+use longwave::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec};
+use longwave::kernels::rms_norm::RmsNorm;
+use longwave::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
+use longwave::kernels::{run_pass, Bound};
+use longwave::model::quant::{quantize, DType};
+use longwave::{GpuOptions, Model, Result, Session, SessionOptions};
+use safetensors::Dtype;
+use serde_json::json;
+use std::collections::HashMap;
+
+/// Tensors and per-case metadata of the output file.
+#[derive(Default)]
+struct Out {
+    tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    meta: HashMap<String, String>,
+}
+
+impl Out {
+    fn f32(&mut self, name: String, shape: &[usize], v: &[f32]) {
+        self.tensors.push((name, Dtype::F32, shape.to_vec(), bytemuck::cast_slice(v).to_vec()));
+    }
+    fn raw(&mut self, name: String, dtype: Dtype, shape: &[usize], b: Vec<u8>) {
+        self.tensors.push((name, dtype, shape.to_vec(), b));
+    }
+    fn case(&mut self, name: &str, meta: serde_json::Value) {
+        self.meta.insert(name.to_string(), meta.to_string());
+    }
+    fn write(self, path: &str) -> Result<()> {
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
+            .tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).expect("shape")))
+            .collect();
+        safetensors::serialize_to_file(views, Some(self.meta), std::path::Path::new(path))
+            .map_err(|e| longwave::Error::Other(format!("writing {path}: {e}")))
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn uniform(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+}
+
+fn run(gpu: &Gpu, list: &[(Bound, [u32; 3])]) -> Result<()> {
+    run_pass(gpu, |p| list.iter().for_each(|(b, g)| b.record(p, *g)))
+}
+
+fn products(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<()> {
+    let (h, f) = (sh.hidden, sh.intermediate);
+    let rows = (sh.n_heads + 2 * sh.n_kv) * sh.head_dim;
+    let t = 64;
+    for dtype in DType::ALL {
+        let w = quantize(dtype, &rng.vec(rows * h, 0.1));
+        let m = GpuMatrix::upload(gpu, "w", dtype, rows, h, &w)?;
+        // Stored once, named by every case that uses it.
+        let w_name = format!("{}/weights/{}", sh.name, dtype.name());
+        out.raw(w_name.clone(), Dtype::U8, &[w.len()], w);
+        let x = rng.vec(t * h, 1.0);
+        let xb = gpu.upload("x", &x)?;
+        let y0 = rng.vec(t * rows, 1.0);
+        // Decode product, plain and accumulating.
+        for (epi, name) in [(Epilogue::Store, "store"), (Epilogue::Add, "add")] {
+            let yb = gpu.upload("y", &y0[..rows])?;
+            run(gpu, &MatVec::new(gpu, dtype, epi)?.bind(gpu, &m, &xb, 0, &yb, 1)?)?;
+            let case = format!("{}/matvec_{name}/{}", sh.name, dtype.name());
+            out.f32(format!("{case}/x"), &[1, h], &x[..h]);
+            out.f32(format!("{case}/y0"), &[1, rows], &y0[..rows]);
+            out.f32(format!("{case}/y"), &[1, rows], &gpu.read(&yb, 0, rows)?);
+            let meta =
+                json!({"op": "matmul", "w": w_name, "dtype": dtype.name(), "rows": rows, "cols": h, "epilogue": name});
+            out.case(&case, meta);
+        }
+        // Prefill product.
+        let yb = gpu.storage("y", (t * rows) as u64 * 4)?;
+        run(gpu, &MatMul::new(gpu, dtype, Epilogue::Store)?.bind(gpu, &m, &xb, 0, &yb, t)?)?;
+        let case = format!("{}/matmul_store/{}", sh.name, dtype.name());
+        out.f32(format!("{case}/x"), &[t, h], &x);
+        out.f32(format!("{case}/y"), &[t, rows], &gpu.read(&yb, 0, t * rows)?);
+        let meta =
+            json!({"op": "matmul", "w": w_name, "dtype": dtype.name(), "rows": rows, "cols": h, "epilogue": "store"});
+        out.case(&case, meta);
+        // Feed-forward gate/up with SwiGLU, decode and prefill, on the formats models ship in.
+        if matches!(dtype, DType::F16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1) {
+            let g = quantize(dtype, &rng.vec(f * h, 0.1));
+            let u = quantize(dtype, &rng.vec(f * h, 0.1));
+            let gm = GpuMatrix::upload(gpu, "g", dtype, f, h, &g)?;
+            let um = GpuMatrix::upload(gpu, "u", dtype, f, h, &u)?;
+            let yb = gpu.storage("y", (t * f) as u64 * 4)?;
+            let yv = gpu.storage("y", f as u64 * 4)?;
+            run(gpu, &MatVec::new(gpu, dtype, Epilogue::SwiGlu)?.bind_swiglu(gpu, &gm, &um, &xb, 0, &yv, 1)?)?;
+            run(gpu, &MatMul::new(gpu, dtype, Epilogue::SwiGlu)?.bind_swiglu(gpu, &gm, &um, &xb, 0, &yb, t)?)?;
+            let case = format!("{}/swiglu/{}", sh.name, dtype.name());
+            out.raw(format!("{case}/g"), Dtype::U8, &[g.len()], g);
+            out.raw(format!("{case}/u"), Dtype::U8, &[u.len()], u);
+            out.f32(format!("{case}/x"), &[t, h], &x);
+            out.f32(format!("{case}/y_decode"), &[1, f], &gpu.read(&yv, 0, f)?);
+            out.f32(format!("{case}/y"), &[t, f], &gpu.read(&yb, 0, t * f)?);
+            out.case(&case, json!({"op": "swiglu", "dtype": dtype.name(), "rows": f, "cols": h}));
+        }
+        // Embedding rows of the vocabulary-sized table.
+        if matches!(dtype, DType::F16 | DType::Q4_1) || sh.vocab * h <= 64 << 20 {
+            let e = quantize(dtype, &rng.vec(sh.vocab * h, 0.1));
+            let em = GpuMatrix::upload(gpu, "e", dtype, sh.vocab, h, &e)?;
+            let ids: Vec<u32> = (0..t as u32).map(|i| i.wrapping_mul(2654435761) % sh.vocab as u32).collect();
+            let tb = gpu.upload("ids", &ids)?;
+            let ob = gpu.storage("rows", (t * h) as u64 * 4)?;
+            run(gpu, &Embedding::new(gpu, dtype)?.bind(gpu, &em, &tb, 0, &ob, t)?)?;
+            let case = format!("{}/embedding/{}", sh.name, dtype.name());
+            out.raw(format!("{case}/e"), Dtype::U8, &[e.len()], e);
+            out.raw(format!("{case}/ids"), Dtype::I32, &[t], bytemuck::cast_slice(&ids).to_vec());
+            out.f32(format!("{case}/y"), &[t, h], &gpu.read(&ob, 0, t * h)?);
+            out.case(&case, json!({"op": "embedding", "dtype": dtype.name(), "rows": sh.vocab, "cols": h}));
+        }
+    }
+    Ok(())
+}
+
+fn norm_and_sampling(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<()> {
+    let (h, t) = (sh.hidden, 64);
+    let x = rng.vec(t * h, 2.0);
+    let w = rng.vec(h, 1.0);
+    let (xb, wb, yb) = (gpu.upload("x", &x)?, gpu.upload("w", &w)?, gpu.storage("y", (t * h) as u64 * 4)?);
+    let b = RmsNorm::new(gpu)?.bind(gpu, &xb, &wb, &yb, t as u32, h as u32, 1e-5);
+    run(gpu, &[(b, longwave::kernels::rms_norm::groups(t as u32))])?;
+    let case = format!("{}/rms_norm", sh.name);
+    out.f32(format!("{case}/x"), &[t, h], &x);
+    out.f32(format!("{case}/w"), &[h], &w);
+    out.f32(format!("{case}/y"), &[t, h], &gpu.read(&yb, 0, t * h)?);
+    out.case(&case, json!({"op": "rms_norm", "eps": 1e-5}));
+
+    let v = sh.vocab;
+    let k = SamplingKernels::new(gpu)?;
+    for pen in [1.0f32, 1.3] {
+        let logits = rng.vec(v, 8.0);
+        let seen: Vec<u32> = (0..v.div_ceil(32)).map(|i| (i as u32).wrapping_mul(2654435761)).collect();
+        let (lb, sb) = (gpu.upload("logits", &logits)?, gpu.upload("seen", &seen)?);
+        let (state, tokens) = (gpu.storage("state", 16)?, gpu.storage("tokens", 16)?);
+        let b = k.bind_sample(gpu, v as u32, &lb, &sb, &state, &tokens);
+        let params = SamplingParams { temperature: 0.0, repetition_penalty: pen, ..Default::default() };
+        b.set_params(&gpu.queue, &SampleParams::new(v as u32, &params));
+        run(gpu, &[(b, [1, 1, 1])])?;
+        let case = format!("{}/sample_greedy/penalty{pen}", sh.name);
+        out.f32(format!("{case}/logits"), &[v], &logits);
+        out.raw(format!("{case}/seen"), Dtype::I32, &[seen.len()], bytemuck::cast_slice(&seen).to_vec());
+        let tok: Vec<u32> = gpu.read(&tokens, 0, 1)?;
+        out.raw(format!("{case}/token"), Dtype::I32, &[1], bytemuck::cast_slice(&tok).to_vec());
+        out.case(&case, json!({"op": "sample_greedy", "penalty": pen}));
+    }
+    Ok(())
+}
+
+/// RoPE, cache append and attention (split-K decode and causal prefill) over a cache holding
+/// random keys and values before the step.
+fn attention(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<()> {
+    let k = AttentionKernels::new(gpu)?;
+    let (nh, nkv, hd) = (sh.n_heads, sh.n_kv, sh.head_dim);
+    let max_ctx = sh.contexts[0] as usize;
+    let a = AttnShape { n_heads: nh as u32, n_kv: nkv as u32, head_dim: hd as u32, max_ctx: max_ctx as u32 };
+    let theta = if sh.name.starts_with("llama3") { 500000f32 } else { 100000.0 };
+    let inv_freq: Vec<f32> = (0..hd / 2).map(|i| theta.powf(-2.0 * i as f32 / hd as f32)).collect();
+    let rope = gpu.upload("rope", &rope_table(&inv_freq, max_ctx))?;
+    for (mode, n) in [("decode", 1usize), ("prefill", 64)] {
+        let pos = max_ctx - n - 3;
+        let splits = if n == 1 { Plan::decode_splits(gpu, max_ctx as u32) } else { 1 };
+        let cache: Vec<f16> = rng.vec(2 * nkv * max_ctx * hd, 1.0).into_iter().map(f16::from_f32).collect();
+        let (kc, vc) = cache.split_at(nkv * max_ctx * hd);
+        let (kb, vb) = (gpu.upload("k", kc)?, gpu.upload("v", vc)?);
+        let qkv = rng.vec(n * (nh + 2 * nkv) * hd, 1.0);
+        let qkvb = gpu.upload("qkv", &qkv)?;
+        let q = gpu.storage("q", (n * nh * hd) as u64 * 4)?;
+        let part = gpu.storage("part", a.partial_floats(n as u32, splits) * 4)?;
+        let o = gpu.storage("o", (n * nh * hd) as u64 * 4)?;
+        let state: GpuBuffer = gpu.upload("state", &[pos as u32, n as u32, 0, 0])?;
+        let list = [
+            (k.bind_rope_kv(gpu, a, &state, &rope, &qkvb, &q, &kb, &vb), AttentionKernels::rope_groups(a, n as u32)),
+            (
+                k.bind_attend(gpu, a, splits, &state, &q, &kb, &vb, &part),
+                AttentionKernels::attend_groups(a, splits, n as u32),
+            ),
+            (k.bind_merge(gpu, a, splits, &state, &part, &o), AttentionKernels::merge_groups(a, n as u32)),
+        ];
+        run(gpu, &list)?;
+        let case = format!("{}/attention_{mode}", sh.name);
+        let f16s = |v: &[f16]| bytemuck::cast_slice::<f16, u8>(v).to_vec();
+        out.raw(format!("{case}/k_cache_before"), Dtype::F16, &[nkv, max_ctx, hd], f16s(kc));
+        out.raw(format!("{case}/v_cache_before"), Dtype::F16, &[nkv, max_ctx, hd], f16s(vc));
+        out.f32(format!("{case}/qkv"), &[n, nh + 2 * nkv, hd], &qkv);
+        out.f32(format!("{case}/inv_freq"), &[hd / 2], &inv_freq);
+        let k_after: Vec<f16> = gpu.read(&kb, 0, nkv * max_ctx * hd)?;
+        out.raw(format!("{case}/k_cache_after"), Dtype::F16, &[nkv, max_ctx, hd], f16s(&k_after));
+        out.f32(format!("{case}/out"), &[n, nh, hd], &gpu.read(&o, 0, n * nh * hd)?);
+        out.case(&case, json!({"op": "attention", "pos": pos, "n": n, "splits": splits}));
+    }
+    Ok(())
+}
+
+fn kernels(args: &[String]) -> Result<()> {
+    let path = args.first().ok_or_else(|| longwave::Error::InvalidArgument("kernels OUT.safetensors".into()))?;
+    let shapes = match args.iter().position(|a| a == "--shapes") {
+        Some(i) => args.get(i + 1).map(|s| s.split(',').map(shape_by_name).collect()).unwrap_or(Ok(vec![]))?,
+        None => longwave::bench::kernels::SHAPES.to_vec(),
+    };
+    let gpu = Gpu::new(&GpuOptions::default())?;
+    eprintln!("kernels on {} ({:?})", gpu.describe(), gpu.flags());
+    let mut out = Out::default();
+    let mut rng = Rng(0x2545F4914F6CDD1D);
+    for sh in &shapes {
+        products(&gpu, sh, &mut out, &mut rng)?;
+        norm_and_sampling(&gpu, sh, &mut out, &mut rng)?;
+        attention(&gpu, sh, &mut out, &mut rng)?;
+    }
+    out.meta.insert("adapter".into(), gpu.describe());
+    out.write(path)
+}
+
+fn list(args: &[String], flag: &str) -> Result<Vec<usize>> {
+    let i = args.iter().position(|a| a == flag).ok_or_else(|| longwave::Error::InvalidArgument(flag.to_string()))?;
+    let v = args.get(i + 1).ok_or_else(|| longwave::Error::InvalidArgument(format!("{flag} needs a value")))?;
+    v.split(',').map(|s| s.parse().map_err(|_| longwave::Error::InvalidArgument(format!("{flag}: {s}")))).collect()
+}
+
+fn logits(args: &[String]) -> Result<()> {
+    let model_at = args.iter().position(|a| a == "--model").and_then(|i| args.get(i + 1));
+    let model_path = model_at.ok_or_else(|| longwave::Error::InvalidArgument("--model PATH".into()))?;
+    let ids: Vec<u32> = list(args, "--ids")?.into_iter().map(|v| v as u32).collect();
+    let at = list(args, "--at")?;
+    let path = args.last().ok_or_else(|| longwave::Error::InvalidArgument("OUT.safetensors".into()))?;
+    let model = Model::load(model_path, &GpuOptions::default())?;
+    eprintln!("{} on {}", model_path, model.gpu.describe());
+    let mut session = Session::new(&model, &SessionOptions { max_ctx: Some(ids.len().max(64)) })?;
+    let mut out = Out::default();
+    for &n in &at {
+        let l = session.logits(&ids[..n.min(ids.len())])?;
+        out.f32(format!("logits/{n}"), &[l.len()], &l);
+    }
+    session.reset();
+    let ppl = session.perplexity(&ids)?;
+    out.f32("nll".into(), &[ppl.nll.len()], &ppl.nll);
+    out.meta.insert("adapter".into(), model.gpu.describe());
+    out.write(path)
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("kernels") => kernels(&args[1..]),
+        Some("logits") => logits(&args[1..]),
+        _ => Err(longwave::Error::InvalidArgument("usage: cuda_parity kernels|logits ...".into())),
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
