@@ -126,6 +126,13 @@ impl ModelConfig {
             .map(|b| u32::try_from(b).map_err(|_| bad(format!("bos_token_id {b}"))))
             .transpose()?;
 
+        // transformers 5 writes `rope_parameters` (theta, type and scaling in one object)
+        // instead of `rope_theta` and `rope_scaling`.
+        let rope = v.get("rope_parameters").filter(|r| !r.is_null());
+        let rope_theta = match rope.and_then(|r| r.get("rope_theta")) {
+            Some(t) => t.as_f64().map(|f| f as f32).ok_or_else(|| bad(format!("rope_parameters.rope_theta is {t}")))?,
+            None => f32_field("rope_theta", 10000.0)?,
+        };
         let cfg = ModelConfig {
             arch: "llama".into(),
             vocab_size: required("vocab_size")?,
@@ -137,8 +144,8 @@ impl ModelConfig {
             head_dim,
             // Defaults are those of transformers' LlamaConfig.
             rms_norm_eps: f32_field("rms_norm_eps", 1e-6)?,
-            rope_theta: f32_field("rope_theta", 10000.0)?,
-            rope_scaling: parse_rope_scaling(v.get("rope_scaling"), path)?,
+            rope_theta,
+            rope_scaling: parse_rope_scaling(rope.or(v.get("rope_scaling")), path)?,
             max_position_embeddings: usize_field("max_position_embeddings")?.unwrap_or(2048),
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
             bos_token_id,
@@ -468,6 +475,23 @@ mod tests {
         assert_eq!(c.rope_scaling.as_ref().unwrap().factor, 8.0);
         let again = ModelConfig::from_hf_json(&c.to_hf_json().to_string(), p()).unwrap();
         assert_eq!(again, c);
+    }
+
+    /// transformers 5 writes theta and scaling as one `rope_parameters` object.
+    #[test]
+    fn rope_parameters_object() {
+        let text = SMOL_JSON.replace(r#""rope_theta": 100000, "rope_scaling": null,"#, "").replace(
+            r#""max_position_embeddings""#,
+            r#""rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+               "max_position_embeddings""#,
+        );
+        let c = ModelConfig::from_hf_json(&text, p()).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.rope_scaling.as_ref().unwrap().original_max_position_embeddings, 8192);
+        let plain = text.replace(r#""rope_type": "llama3""#, r#""rope_type": "default""#);
+        let c = ModelConfig::from_hf_json(&plain, p()).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling.is_none()), (500000.0, true));
     }
 
     #[test]
