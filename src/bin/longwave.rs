@@ -1,4 +1,4 @@
-//! The `longwave` command line: generate, chat, ppl, info, convert, bench.
+//! The `longwave` command line: generate, chat, ppl, info, synth, convert, bench.
 
 use clap::{Args, Parser, Subcommand};
 use longwave::bench::decode::DecodeBenchOptions;
@@ -63,6 +63,29 @@ enum Cmd {
         /// Only the adapters; don't load a model.
         #[arg(long)]
         adapters_only: bool,
+    },
+    /// Write a random-weight model of a real shape, for benchmarks without a download.
+    Synth {
+        /// llama3-8b or smollm2-135m.
+        #[arg(long, default_value = "llama3-8b")]
+        shape: String,
+        /// gguf (one file) or hf (a Hugging Face directory of safetensors).
+        #[arg(long, default_value = "gguf")]
+        format: String,
+        /// Matrix weights: f16, q8_0, q4_0 (also f32, bf16, q4_1; hf takes f32, f16, bf16).
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        /// The GGUF file, or the directory for hf.
+        #[arg(long)]
+        out: PathBuf,
+        /// Layer count (default: the shape's).
+        #[arg(long)]
+        layers: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// max_position_embeddings (default: the original model's).
+        #[arg(long)]
+        max_ctx: Option<usize>,
     },
     /// Write a Hugging Face directory (config.json, f16 safetensors, tokenizer) from a model.
     Convert {
@@ -370,6 +393,23 @@ fn run(cli: Cli) -> longwave::Result<()> {
                 dtypes.join(", "),
                 kv as f64 / 1048576.0
             );
+        }
+        Cmd::Synth { shape, format, dtype, out, layers, seed, max_ctx } => {
+            use longwave::model::{write_synth, SynthFormat, SynthShape, SynthSpec};
+            let spec = SynthSpec { shape: SynthShape::parse(&shape)?, layers, seed, max_ctx };
+            let format = SynthFormat::parse(&format, &dtype)?;
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("writing [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let t = Instant::now();
+            write_synth(&spec, format, &out, &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            eprintln!("wrote {} in {:.1} s", out.display(), t.elapsed().as_secs_f64());
         }
         Cmd::Convert { model, out } => {
             let path = resolve_model(model.as_deref())?;

@@ -20,7 +20,8 @@ use super::quant::DType;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"GGUF";
-const DEFAULT_ALIGNMENT: usize = 32;
+/// Also the alignment every file written here uses.
+pub const DEFAULT_ALIGNMENT: usize = 32;
 /// ggml tensors have at most 4 dimensions.
 const MAX_DIMS: usize = 4;
 
@@ -489,6 +490,30 @@ pub fn write_gguf(
 
 /// The bytes [`write_gguf`] writes.
 pub fn gguf_bytes(metadata: &[(String, MetaValue)], tensors: &[TensorToWrite<'_>]) -> Result<Vec<u8>> {
+    let infos: Vec<TensorInfo<'_>> = tensors.iter().map(|&(name, dtype, dims, _)| (name, dtype, dims)).collect();
+    let (mut out, sizes) = gguf_header(metadata, &infos)?;
+    for (&(name, dtype, dims, data), size) in tensors.iter().zip(sizes) {
+        if data.len() != size {
+            return Err(Error::InvalidArgument(format!(
+                "tensor {name:?}: {} bytes do not fit {} dims {dims:?}",
+                data.len(),
+                dtype.name()
+            )));
+        }
+        out.write_all(data).expect("writing to a Vec cannot fail");
+        out.resize(align_up(out.len(), DEFAULT_ALIGNMENT), 0);
+    }
+    Ok(out)
+}
+
+/// Name, dtype and dims (GGUF order) of a tensor to write.
+pub type TensorInfo<'a> = (&'a str, DType, &'a [usize]);
+
+/// The start of a GGUF v3 file with alignment 32, up to where tensor data begins (already
+/// padded), and each tensor's data size in bytes. The data follows in the order given, each
+/// tensor padded with zeros to a multiple of 32 bytes. Lets a writer stream tensors it has not
+/// produced yet.
+pub fn gguf_header(metadata: &[(String, MetaValue)], tensors: &[TensorInfo<'_>]) -> Result<(Vec<u8>, Vec<usize>)> {
     let align = DEFAULT_ALIGNMENT;
     for (k, v) in metadata {
         if k == "general.alignment" && v.as_i64() != Some(align as i64) {
@@ -506,15 +531,18 @@ pub fn gguf_bytes(metadata: &[(String, MetaValue)], tensors: &[TensorToWrite<'_>
         put_value(&mut out, v)?;
     }
     let mut offset = 0usize;
-    for &(name, dtype, dims, data) in tensors {
-        let expected = dims.first().and_then(|&c| dtype.row_bytes(c)).map(|r| r * dims[1..].iter().product::<usize>());
-        if dims.is_empty() || dims.len() > MAX_DIMS || expected != Some(data.len()) {
-            return Err(Error::InvalidArgument(format!(
-                "tensor {name:?}: {} bytes do not fit {} dims {dims:?}",
-                data.len(),
-                dtype.name()
-            )));
-        }
+    let mut sizes = Vec::with_capacity(tensors.len());
+    for &(name, dtype, dims) in tensors {
+        let size = dims.first().and_then(|&c| dtype.row_bytes(c)).map(|r| r * dims[1..].iter().product::<usize>());
+        let size = match size {
+            Some(s) if dims.len() <= MAX_DIMS => s,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor {name:?}: {} dims {dims:?} do not divide into blocks",
+                    dtype.name()
+                )))
+            }
+        };
         put_str(&mut out, name);
         out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
         for &d in dims {
@@ -522,14 +550,11 @@ pub fn gguf_bytes(metadata: &[(String, MetaValue)], tensors: &[TensorToWrite<'_>
         }
         out.extend_from_slice(&dtype.to_ggml().to_le_bytes());
         out.extend_from_slice(&(offset as u64).to_le_bytes());
-        offset = align_up(offset + data.len(), align);
+        offset = align_up(offset + size, align);
+        sizes.push(size);
     }
     out.resize(align_up(out.len(), align), 0);
-    for &(_, _, _, data) in tensors {
-        out.write_all(data).expect("writing to a Vec cannot fail");
-        out.resize(align_up(out.len(), align), 0);
-    }
-    Ok(out)
+    Ok((out, sizes))
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {

@@ -7,12 +7,14 @@ pub mod config;
 pub mod convert;
 pub mod gguf;
 pub mod quant;
+pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{ModelConfig, RopeScaling};
 pub use gguf::{Gguf, MetaValue};
+pub use synth::{write_synth, SynthFormat, SynthShape, SynthSpec};
 pub use tokenizer::{StreamDecoder, Tokenizer};
 pub use weights::{HostTensor, ModelFiles};
 

@@ -171,20 +171,30 @@ pub fn quantize(dtype: DType, x: &[f32]) -> Vec<u8> {
                 let d = amax / 127.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+                // Fixed-size arrays let the compiler vectorize the block (model synthesis
+                // quantizes billions of values).
+                let mut qs = [0u8; QK];
+                for (q, v) in qs.iter_mut().zip(b) {
+                    *q = (v * id).round() as i8 as u8;
+                }
+                out.extend_from_slice(&qs);
             }
         }
         DType::Q4_0 => {
             for b in x.chunks_exact(QK) {
-                // The value of largest magnitude maps to -8, keeping its sign.
-                let max = b.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                // The value of largest magnitude maps to -8, keeping its sign; like ggml's loop,
+                // the first one wins a tie. Finding the magnitude first vectorizes.
+                let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let max = if amax > 0.0 { b.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0) } else { 0.0 };
                 let d = max / -8.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                for j in 0..16 {
-                    let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
-                    out.push(q(b[j]) | (q(b[j + 16]) << 4));
+                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                let mut qs = [0u8; QK / 2];
+                for (j, byte) in qs.iter_mut().enumerate() {
+                    *byte = q(b[j]) | (q(b[j + 16]) << 4);
                 }
+                out.extend_from_slice(&qs);
             }
         }
         DType::Q4_1 => {
@@ -314,6 +324,55 @@ mod tests {
             let y = dequantize_vec(dt, &q, x.len());
             let err = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err <= tol, "{dt:?}: max error {err}");
+        }
+    }
+
+    /// ggml's quantize_row_q8_0_ref / quantize_row_q4_0_ref, loop for loop, for one block.
+    fn ggml_ref(dtype: DType, b: &[f32]) -> Vec<u8> {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in b {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let d = if dtype == DType::Q8_0 { amax / 127.0 } else { max / -8.0 };
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut out = f16::from_f32(d).to_le_bytes().to_vec();
+        if dtype == DType::Q8_0 {
+            out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+        } else {
+            let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+            out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+        }
+        out
+    }
+
+    #[test]
+    fn block_quantizers_match_ggml_reference() {
+        let mut s = 11;
+        let mut blocks: Vec<Vec<f32>> = (0..200).map(|_| (0..QK).map(|_| lcg(&mut s)).collect()).collect();
+        // Ties between +m and -m (the first wins), zeros of both signs, exact halves.
+        blocks.push((0..QK).map(|i| if i % 2 == 0 { -0.5 } else { 0.5 }).collect());
+        blocks.push(
+            (0..QK)
+                .map(|i| {
+                    if i == 3 {
+                        0.25
+                    } else if i == 9 {
+                        -0.25
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        );
+        blocks.push(vec![-0.0; QK]);
+        blocks.push((0..QK).map(|i| i as f32 / 4.0 - 4.0).collect());
+        for dt in [DType::Q8_0, DType::Q4_0] {
+            for b in &blocks {
+                assert_eq!(quantize(dt, b), ggml_ref(dt, b), "{dt:?} {b:?}");
+            }
         }
     }
 

@@ -79,14 +79,14 @@ pub struct ModelFiles {
 
 /// One tensor the model needs: its Hugging Face name, its GGUF name, its Hugging Face shape,
 /// and for GGUF attn_q/attn_k the number of heads whose rows llama.cpp permuted.
-struct Expected {
-    hf: String,
-    gguf: String,
-    shape: Vec<usize>,
-    permuted_heads: Option<usize>,
+pub(crate) struct Expected {
+    pub hf: String,
+    pub gguf: String,
+    pub shape: Vec<usize>,
+    pub permuted_heads: Option<usize>,
 }
 
-fn expected_tensors(c: &ModelConfig) -> Vec<Expected> {
+pub(crate) fn expected_tensors(c: &ModelConfig) -> Vec<Expected> {
     let e = |hf: String, gguf: String, shape: Vec<usize>, permuted_heads: Option<usize>| Expected {
         hf,
         gguf,
