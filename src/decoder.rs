@@ -118,22 +118,23 @@ pub struct Kernels {
     pub embed: Embedding,
     pub attn: AttentionKernels,
     pub sampling: SamplingKernels,
-    /// Per weight format present in the model: (matvec store, matvec add, matvec swiglu,
-    /// matmul store, matmul add, matmul swiglu).
+    /// Per weight format present in the model: the matvec and matmul variants.
     pub mat: Vec<(crate::model::quant::DType, MatKernels)>,
 }
 
 pub struct MatKernels {
     pub mv: MatVec,
+    /// Decode products with the layer's RMSNorm fused in front (Q/K/V and gate/up).
+    pub mv_norm: MatVec,
+    pub mv_norm_swiglu: MatVec,
     pub mv_add: MatVec,
-    pub mv_swiglu: MatVec,
     pub mm: MatMul,
     pub mm_add: MatMul,
     pub mm_swiglu: MatMul,
 }
 
 impl Kernels {
-    pub fn new(gpu: &Gpu, weights: &Weights) -> Result<Kernels> {
+    pub fn new(gpu: &Gpu, c: &ModelConfig, weights: &Weights) -> Result<Kernels> {
         let mut dtypes = vec![weights.embed.dtype, weights.lm_head().dtype];
         for l in &weights.layers {
             for m in l.qkv.iter().chain([&l.o, &l.gate, &l.up, &l.down]) {
@@ -148,8 +149,9 @@ impl Kernels {
                 d,
                 MatKernels {
                     mv: MatVec::new(gpu, d, Epilogue::Store)?,
+                    mv_norm: MatVec::with_norm(gpu, d, Epilogue::Store, c.rms_norm_eps)?,
+                    mv_norm_swiglu: MatVec::with_norm(gpu, d, Epilogue::SwiGlu, c.rms_norm_eps)?,
                     mv_add: MatVec::new(gpu, d, Epilogue::Add)?,
-                    mv_swiglu: MatVec::new(gpu, d, Epilogue::SwiGlu)?,
                     mm: MatMul::new(gpu, d, Epilogue::Store)?,
                     mm_add: MatMul::new(gpu, d, Epilogue::Add)?,
                     mm_swiglu: MatMul::new(gpu, d, Epilogue::SwiGlu)?,
@@ -218,13 +220,15 @@ impl Plan {
     }
 
     /// Key ranges per query when decoding with a cache of `max_ctx` positions: enough to fill
-    /// a GPU at long contexts, few enough that merging stays cheap. A CPU device (lavapipe)
-    /// runs one workgroup per core at a time: one split per core.
+    /// a GPU at every context length, few enough that merging stays cheap. A CPU device
+    /// (lavapipe) runs one workgroup per core at a time: one split per core.
     pub fn decode_splits(gpu: &Gpu, max_ctx: u32) -> u32 {
         if gpu.info.device_type == wgpu::DeviceType::Cpu {
             std::thread::available_parallelism().map_or(2, |n| n.get() as u32).min(max_ctx.div_ceil(64)).clamp(1, 32)
         } else {
-            max_ctx.div_ceil(256).clamp(1, 32)
+            // One split per 64-key tile up to the merge's limit; attend and merge use only
+            // as many as the current context has tiles.
+            max_ctx.div_ceil(64).clamp(1, AttentionKernels::MAX_SPLITS)
         }
     }
 
@@ -390,12 +394,14 @@ impl Decoder {
         }
         for (i, l) in w.layers.iter().enumerate() {
             // Attention block: x += Wo · attention(rope(Wq·n(x)), cache + rope(Wk·n(x)), Wv·n(x)),
-            // with Wq, Wk, Wv one stacked product.
-            push(
-                &mut steps,
-                k.norm.bind(gpu, &b.x, &l.attn_norm, &b.xn, rows, hidden, c.rms_norm_eps),
-                Box::new(crate::kernels::rms_norm::groups),
-            );
+            // with Wq, Wk, Wv one stacked product. Decoding fuses the norm n into the product.
+            if prefill {
+                push(
+                    &mut steps,
+                    k.norm.bind(gpu, &b.x, &l.attn_norm, &b.xn, rows, hidden, c.rms_norm_eps),
+                    Box::new(crate::kernels::rms_norm::groups),
+                );
+            }
             let stride = l.qkv.iter().map(|m| m.rows).sum();
             let mut offset = 0;
             for m in &l.qkv {
@@ -404,7 +410,7 @@ impl Decoder {
                 let list = if prefill {
                     mk.mm.bind_into(gpu, m, &b.xn, &b.qkv, out, rows as usize)?
                 } else {
-                    mk.mv.bind_into(gpu, m, &b.xn, &b.qkv, out, 1)?
+                    mk.mv_norm.bind_norm_into(gpu, m, &b.x, &l.attn_norm, &b.qkv, out, 1)?
                 };
                 for (bound, g) in list {
                     push(&mut steps, bound, if prefill { matmul_groups(g) } else { fixed(g) });
@@ -427,19 +433,22 @@ impl Decoder {
                 Box::new(move |n| AttentionKernels::merge_groups(sh, n)),
             );
             matmul(&mut steps, &l.o, &b.attn, &b.x, true)?;
-            // Feed-forward block: x += Wdown · (silu(Wgate·n(x)) * Wup·n(x))
-            push(
-                &mut steps,
-                k.norm.bind(gpu, &b.x, &l.ffn_norm, &b.xn, rows, hidden, c.rms_norm_eps),
-                Box::new(crate::kernels::rms_norm::groups),
-            );
+            // Feed-forward block: x += Wdown · (silu(Wgate·n(x)) * Wup·n(x)), the norm fused
+            // into the gate/up product when decoding.
             let mk = k.mat(&l.gate);
             if prefill {
+                push(
+                    &mut steps,
+                    k.norm.bind(gpu, &b.x, &l.ffn_norm, &b.xn, rows, hidden, c.rms_norm_eps),
+                    Box::new(crate::kernels::rms_norm::groups),
+                );
                 for (bound, g) in mk.mm_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, rows as usize)? {
                     push(&mut steps, bound, matmul_groups(g));
                 }
             } else {
-                for (bound, g) in mk.mv_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, 1)? {
+                for (bound, g) in
+                    mk.mv_norm_swiglu.bind_norm_swiglu(gpu, &l.gate, &l.up, &b.x, &l.ffn_norm, &b.ffn, 1)?
+                {
                     push(&mut steps, bound, fixed(g));
                 }
             }

@@ -41,7 +41,7 @@ impl Model {
             e => e,
         })?;
         gpu.wait()?;
-        let kernels = Kernels::new(&gpu, &weights)?;
+        let kernels = Kernels::new(&gpu, &files.config, &weights)?;
         let template = files.chat_template_or_chatml();
         Ok(Arc::new(Model {
             gpu,

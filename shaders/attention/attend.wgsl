@@ -4,7 +4,8 @@
 // 0..=pos; split s takes its share of them. It returns the partial (m, l, o): the running max
 // of the scores, the softmax denominator relative to m, and the unnormalised output. Partials
 // of disjoint key sets merge exactly (attn_merge.wgsl), which is what lets every KV policy be
-// "produce partials, merge". Decode uses many splits (flash-decoding); prefill few.
+// "produce partials, merge". Decode uses many splits (flash-decoding); prefill few. Splits
+// past the number of key tiles return at once and write nothing.
 //
 // 64 invocations. Scores: one key per invocation per tile of 64 keys. Weighted values: the
 // head dimension in groups of four (hd/4 invocations) times 64/(hd/4) groups of keys, summed
@@ -53,7 +54,12 @@ fn main(
     if (t >= state[1]) { return; }
     let pos = state[0] + t;
     let n_keys = pos + 1u;
-    let chunk = (n_keys + p.n_splits - 1u) / p.n_splits;
+    // Splits in use: at least one tile of keys each, so short contexts spread over as many
+    // workgroups as they have tiles instead of leaving most splits empty (attn_merge computes
+    // the same count).
+    let used = min(p.n_splits, (n_keys + WG - 1u) / WG);
+    if (s >= used) { return; }
+    let chunk = (n_keys + used - 1u) / used;
     let k0 = min(s * chunk, n_keys);
     let k1 = min(k0 + chunk, n_keys);
     let kh = h / (p.n_heads / p.n_kv);

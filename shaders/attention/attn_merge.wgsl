@@ -1,5 +1,7 @@
-// Merges the partials of all splits of each (query, head) into the attention output:
+// Merges the partials of the splits in use for each (query, head) into the attention output:
 // M = max m_s, L = sum l_s e^(m_s - M), out = sum o_s e^(m_s - M) / L.
+// The per-split weights e^(m_s - M) / L go to workgroup memory first, so the output loop is
+// branch-free and its loads independent of one another (no load waits on a loaded test).
 
 struct Params {
     n_heads: u32,
@@ -13,31 +15,45 @@ struct Params {
 @group(0) @binding(2) var<storage, read> part: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
+// Keys per attend tile: attend.wgsl uses at most one split per tile.
+const TILE: u32 = 64u;
+// At most this many splits (AttentionKernels::MAX_SPLITS).
+var<workgroup> m_sh: array<f32, 64>;
+var<workgroup> l_sh: array<f32, 64>;
+var<workgroup> w_sh: array<f32, 64>;
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wid.x;
     let t = wid.y;
     if (t >= state[1]) { return; }
+    let n_keys = state[0] + t + 1u;
+    let used = min(p.n_splits, (n_keys + TILE - 1u) / TILE);
     let stride = p.hd + 2u;
     let base = (t * p.n_heads + h) * p.n_splits * stride;
+    if (lid < used) {
+        m_sh[lid] = part[base + lid * stride + p.hd];
+        l_sh[lid] = part[base + lid * stride + p.hd + 1u];
+    }
+    workgroupBarrier();
+    // Every invocation reduces the (at most 64) values itself: broadcast reads, no barriers.
     var mx = -3.0e38;
-    for (var s = 0u; s < p.n_splits; s++) {
-        if (part[base + s * stride + p.hd + 1u] > 0.0) {
-            mx = max(mx, part[base + s * stride + p.hd]);
-        }
+    for (var s = 0u; s < used; s++) {
+        if (l_sh[s] > 0.0) { mx = max(mx, m_sh[s]); }
     }
     var l = 0.0;
-    for (var s = 0u; s < p.n_splits; s++) {
-        let ls = part[base + s * stride + p.hd + 1u];
-        if (ls > 0.0) { l += ls * exp(part[base + s * stride + p.hd] - mx); }
+    for (var s = 0u; s < used; s++) {
+        if (l_sh[s] > 0.0) { l += l_sh[s] * exp(m_sh[s] - mx); }
     }
-    let inv = 1.0 / l;
+    if (lid < used) {
+        w_sh[lid] = select(0.0, exp(m_sh[lid] - mx) / l, l_sh[lid] > 0.0);
+    }
+    workgroupBarrier();
     for (var d = lid; d < p.hd; d += 64u) {
         var acc = 0.0;
-        for (var s = 0u; s < p.n_splits; s++) {
-            let b = base + s * stride;
-            if (part[b + p.hd + 1u] > 0.0) { acc += part[b + d] * exp(part[b + p.hd] - mx); }
+        for (var s = 0u; s < used; s++) {
+            acc += w_sh[s] * part[base + s * stride + d];
         }
-        out[(t * p.n_heads + h) * p.hd + d] = acc * inv;
+        out[(t * p.n_heads + h) * p.hd + d] = acc;
     }
 }

@@ -12,6 +12,9 @@
 // workgroup memory).
 // XVEC (cols % 32 == 0 and x_off % 4 == 0): the fast block path with 16-byte loads of x and W.
 // Without it, an element-wise path for any shape.
+// NORM: x is first RMS-normalised with weight gn (x * gn / sqrt(mean(x^2) + eps)), fusing the
+// norm that precedes a layer's first product: each workgroup sums the squares of its vector
+// itself (k floats from cache), which costs less than a dispatch of its own.
 
 struct Params {
     n: u32,
@@ -34,6 +37,15 @@ struct Params {
 @group(0) @binding(3) var<storage, read> W: array<vec4<u32>>;
 #if SWIGLU
 @group(0) @binding(4) var<storage, read> U: array<vec4<u32>>;
+#endif
+#if NORM
+#if SWIGLU
+@group(0) @binding(5) var<storage, read> gn: array<f32>;
+#else
+@group(0) @binding(4) var<storage, read> gn: array<f32>;
+#endif
+// The norm's epsilon as f32 bits (pipeline constants are numbers; this keeps it exact).
+override EPS_BITS: u32 = 0u;
 #endif
 
 fn w_layout(m: u32) -> vec2<u32> {
@@ -86,6 +98,22 @@ fn main(
     let v = wid.x;
     let lane = lid % TPR;
     let row0 = (wid.y * (WG / TPR) + lid / TPR) * R;
+#if NORM
+    // 1 / rms of this vector; every invocation sums the 64 partial sums (broadcast reads).
+    var ss = 0.0;
+#if XVEC
+    let x4 = (p.x_off + v * p.k) / 4u;
+    for (var i = lid; i < p.k / 4u; i += WG) { let a = x[x4 + i]; ss += dot(a, a); }
+#else
+    for (var i = lid; i < p.k; i += WG) { let a = x[p.x_off + v * p.k + i]; ss += a * a; }
+#endif
+    red[lid] = vec4<f32>(ss, 0.0, 0.0, 0.0);
+    workgroupBarrier();
+    var sum_sq = 0.0;
+    for (var i = 0u; i < WG; i++) { sum_sq += red[i].x; }
+    let inv_rms = inverseSqrt(sum_sq / f32(p.k) + bitcast<f32>(EPS_BITS));
+    workgroupBarrier();
+#endif
     var acc = vec4<f32>(0.0);
 #if SWIGLU
     var accu = vec4<f32>(0.0);
@@ -95,7 +123,15 @@ fn main(
     let xb = (p.x_off + v * p.k) / 4u;
     for (var kb = lane; kb < nb; kb += TPR) {
         let o = xb + kb * 8u;
+#if NORM
+        var xs: array<vec4<f32>, 8>;
+        for (var i = 0u; i < 8u; i++) {
+            let c = kb * 32u + i * 4u;
+            xs[i] = x[o + i] * vec4<f32>(gn[c], gn[c + 1u], gn[c + 2u], gn[c + 3u]) * inv_rms;
+        }
+#else
         let xs = array<vec4<f32>, 8>(x[o], x[o + 1u], x[o + 2u], x[o + 3u], x[o + 4u], x[o + 5u], x[o + 6u], x[o + 7u]);
+#endif
         let xsum = dot(((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7])), vec4<f32>(1.0));
         for (var r = 0u; r < R; r++) {
             let row = row0 + r;
@@ -110,7 +146,11 @@ fn main(
 #else
     let xb = p.x_off + v * p.k;
     for (var c = lane; c < p.k; c += TPR) {
+#if NORM
+        let xv = x[xb + c] * gn[c] * inv_rms;
+#else
         let xv = x[xb + c];
+#endif
         for (var r = 0u; r < R; r++) {
             let row = row0 + r;
             if (row < p.rows) {

@@ -97,6 +97,9 @@ pub struct AttentionKernels {
 }
 
 impl AttentionKernels {
+    /// Most key splits per query (the merge keeps one weight per split in workgroup memory).
+    pub const MAX_SPLITS: u32 = 64;
+
     pub fn new(gpu: &Gpu) -> Result<AttentionKernels> {
         let f = gpu.flags();
         Ok(AttentionKernels {
@@ -154,6 +157,7 @@ impl AttentionKernels {
         v_cache: &GpuBuffer,
         part: &GpuBuffer,
     ) -> Bound {
+        assert!((1..=Self::MAX_SPLITS).contains(&splits), "attention splits {splits}");
         let params = gpu.uniform(
             "attend",
             &AttendParams {
@@ -378,6 +382,9 @@ mod tests {
         let gpu = &variants()[0];
         check(gpu, AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 600 }, 500, 1, 16, 6);
         check(gpu, AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 600 }, 64, 9, 2, 7);
+        // All 64 splits in use at a long context (65 tiles), and few of them at a short one.
+        check(gpu, AttnShape { n_heads: 2, n_kv: 1, head_dim: 8, max_ctx: 4200 }, 4150, 1, 64, 8);
+        check(gpu, AttnShape { n_heads: 2, n_kv: 1, head_dim: 8, max_ctx: 4200 }, 200, 2, 64, 9);
     }
 
     #[test]

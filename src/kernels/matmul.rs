@@ -256,6 +256,7 @@ fn check_epilogue(kind: &str, epilogue: Epilogue, swiglu_call: bool) -> Result<(
 }
 
 /// One bound dispatch per chunk of the matrices; `groups(chunk rows)` sizes each.
+#[allow(clippy::too_many_arguments)]
 fn bind_chunks(
     gpu: &Gpu,
     label: &str,
@@ -263,6 +264,7 @@ fn bind_chunks(
     mats: &[&GpuMatrix],
     x: &GpuBuffer,
     x_offset: usize,
+    norm: Option<&GpuBuffer>,
     y: &GpuBuffer,
     y_out: OutRows,
     n: usize,
@@ -275,6 +277,9 @@ fn bind_chunks(
         let mut entries = vec![params.binding(), x.binding(), y.binding()];
         for m in mats {
             entries.push(m.chunks[ci].buf.binding());
+        }
+        if let Some(g) = norm {
+            entries.push(g.binding());
         }
         let bind_group = gpu.bind_group(pipeline, &entries);
         out.push((Bound { pipeline: pipeline.clone(), bind_group, params: Some(params) }, groups(c.rows)));
@@ -305,11 +310,23 @@ pub fn threads_per_row(cols: usize, fast: bool) -> u32 {
 pub struct MatVec {
     dtype: DType,
     epilogue: Epilogue,
+    /// RMSNorm of x (with this epsilon and a weight given at bind time) fused in front.
+    norm_eps: Option<f32>,
 }
 
 impl MatVec {
     pub fn new(gpu: &Gpu, dtype: DType, epilogue: Epilogue) -> Result<MatVec> {
-        let k = MatVec { dtype, epilogue };
+        Self::build(gpu, dtype, epilogue, None)
+    }
+
+    /// A product of the RMS-normalised vector: `W (x * g / sqrt(mean(x^2) + eps))`, the norm
+    /// weight `g` given to [`MatVec::bind_norm_into`] / [`MatVec::bind_norm_swiglu`].
+    pub fn with_norm(gpu: &Gpu, dtype: DType, epilogue: Epilogue, eps: f32) -> Result<MatVec> {
+        Self::build(gpu, dtype, epilogue, Some(eps))
+    }
+
+    fn build(gpu: &Gpu, dtype: DType, epilogue: Epilogue, norm_eps: Option<f32>) -> Result<MatVec> {
+        let k = MatVec { dtype, epilogue, norm_eps };
         // The fast path is what real models use; compile it now. The element-wise path (odd
         // shapes) compiles on first bind.
         gpu.pipeline(&k.key(gpu, true, 64))?;
@@ -324,6 +341,9 @@ impl MatVec {
         }
         if fast {
             key = key.define("XVEC");
+        }
+        if let Some(eps) = self.norm_eps {
+            key = key.define("NORM").constant("EPS_BITS", eps.to_bits());
         }
         key.constant("TPR", tpr)
     }
@@ -340,7 +360,7 @@ impl MatVec {
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_epilogue("matvec", self.epilogue, false)?;
-        self.bind_all(gpu, &[w], x, x_offset_elems, y, OutRows::whole(w), n)
+        self.bind_all(gpu, &[w], x, x_offset_elems, None, y, OutRows::whole(w), n)
     }
 
     /// Binds `y = silu(G x) * (U x)`; g and u must have the same shape and type.
@@ -355,7 +375,7 @@ impl MatVec {
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_epilogue("matvec", self.epilogue, true)?;
-        self.bind_all(gpu, &[g, u], x, x_offset_elems, y, OutRows::whole(g), n)
+        self.bind_all(gpu, &[g, u], x, x_offset_elems, None, y, OutRows::whole(g), n)
     }
 
     /// Binds `y = W x` into columns `out.offset..` of rows of `out.stride` floats.
@@ -369,26 +389,72 @@ impl MatVec {
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_epilogue("matvec", self.epilogue, false)?;
-        self.bind_all(gpu, &[w], x, 0, y, out, n)
+        self.bind_all(gpu, &[w], x, 0, None, y, out, n)
     }
 
+    /// [`MatVec::bind_into`] of the normalised x (a kernel built [`MatVec::with_norm`]); `g`
+    /// holds the norm weight, one per column.
+    pub fn bind_norm_into(
+        &self,
+        gpu: &Gpu,
+        w: &GpuMatrix,
+        x: &GpuBuffer,
+        g: &GpuBuffer,
+        y: &GpuBuffer,
+        out: OutRows,
+        n: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        check_epilogue("matvec", self.epilogue, false)?;
+        self.bind_all(gpu, &[w], x, 0, Some(g), y, out, n)
+    }
+
+    /// [`MatVec::bind_swiglu`] of the normalised x; `norm` holds the norm weight.
+    pub fn bind_norm_swiglu(
+        &self,
+        gpu: &Gpu,
+        g: &GpuMatrix,
+        u: &GpuMatrix,
+        x: &GpuBuffer,
+        norm: &GpuBuffer,
+        y: &GpuBuffer,
+        n: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        check_epilogue("matvec", self.epilogue, true)?;
+        self.bind_all(gpu, &[g, u], x, 0, Some(norm), y, OutRows::whole(g), n)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn bind_all(
         &self,
         gpu: &Gpu,
         mats: &[&GpuMatrix],
         x: &GpuBuffer,
         x_offset: usize,
+        norm: Option<&GpuBuffer>,
         y: &GpuBuffer,
         y_out: OutRows,
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_operands("matvec", self.dtype, mats, x, x_offset, y, y_out, n)?;
+        match (self.norm_eps.is_some(), norm) {
+            (true, None) => return Err(Error::InvalidArgument("a matvec built with_norm binds a norm weight".into())),
+            (false, Some(_)) => {
+                return Err(Error::InvalidArgument("a norm weight needs a matvec built with_norm".into()))
+            }
+            (_, Some(g)) if g.size < mats[0].cols as u64 * 4 => {
+                return Err(Error::InvalidArgument(format!(
+                    "norm weight of {} bytes for {} columns",
+                    g.size, mats[0].cols
+                )))
+            }
+            _ => {}
+        }
         let w = mats[0];
         let fast = w.cols.is_multiple_of(32) && x_offset.is_multiple_of(4);
         let tpr = threads_per_row(w.cols, fast);
         let pipeline = gpu.pipeline(&self.key(gpu, fast, tpr))?;
         let rows_per_group = MATVEC_ROWS * (64 / tpr as usize);
-        Ok(bind_chunks(gpu, "matvec", &pipeline, mats, x, x_offset, y, y_out, n, |rows| {
+        Ok(bind_chunks(gpu, "matvec", &pipeline, mats, x, x_offset, norm, y, y_out, n, |rows| {
             [n as u32, rows.div_ceil(rows_per_group) as u32, 1]
         }))
     }
@@ -487,7 +553,7 @@ impl MatMul {
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_operands("matmul", self.dtype, mats, x, x_offset, y, y_out, t)?;
         let tile_n = self.tile_n();
-        Ok(bind_chunks(gpu, "matmul", &self.pipeline, mats, x, x_offset, y, y_out, t, |rows| {
+        Ok(bind_chunks(gpu, "matmul", &self.pipeline, mats, x, x_offset, None, y, y_out, t, |rows| {
             [t.div_ceil(MATMUL_TILE_T) as u32, rows.div_ceil(tile_n) as u32, 1]
         }))
     }
@@ -636,6 +702,59 @@ pub(crate) mod tests {
     }
 
     const EPIS: [Epilogue; 3] = [Epilogue::Store, Epilogue::Add, Epilogue::SwiGlu];
+
+    /// RMSNorm fused in front of a decode product (store or SwiGLU), against norm-then-product
+    /// in f64.
+    fn norm_case(gpu: &Gpu, dtype: DType, epi: Epilogue, n: usize, k: usize, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let (gq, gd) = weights(dtype, n, k, &mut rng);
+        let (uq, ud) = weights(dtype, n, k, &mut rng);
+        let x = rng.vec(k, 3.0);
+        let g = rng.vec(k, 1.5);
+        let eps = 1e-5f32;
+        let ms = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64;
+        let r = 1.0 / (ms + eps as f64).sqrt();
+        let xn: Vec<f32> = x.iter().zip(&g).map(|(&v, &w)| (v as f64 * r * w as f64) as f32).collect();
+        let gm = GpuMatrix::upload(gpu, "g", dtype, n, k, &gq).unwrap();
+        let um = GpuMatrix::upload(gpu, "u", dtype, n, k, &uq).unwrap();
+        let (xb, gb) = (gpu.upload("x", &x).unwrap(), gpu.upload("norm", &g).unwrap());
+        let yb = gpu.storage("y", n as u64 * 4).unwrap();
+        let kern = MatVec::with_norm(gpu, dtype, epi, eps).unwrap();
+        let bound = match epi {
+            Epilogue::SwiGlu => kern.bind_norm_swiglu(gpu, &gm, &um, &xb, &gb, &yb, 1),
+            _ => kern.bind_norm_into(gpu, &gm, &xb, &gb, &yb, OutRows::whole(&gm), 1),
+        }
+        .unwrap();
+        run_pass(gpu, |p| bound.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
+        let got: Vec<f32> = gpu.read(&yb, 0, n).unwrap();
+        let what = format!("norm+matvec {} {epi:?} N={n} K={k} {:?}", dtype.name(), gpu.flags());
+        let sg = abs_scale(&gd, &xn, n, k);
+        if epi == Epilogue::SwiGlu {
+            let (gr, ur, su) = (reference(&gd, &xn, n, k), reference(&ud, &xn, n, k), abs_scale(&ud, &xn, n, k));
+            let s: Vec<f64> =
+                (0..n).map(|i| 1.1 * sg[i] * (ur[i].abs() + su[i]) + (gr[i].abs() + sg[i]) * su[i]).collect();
+            check(&what, &got, &reference_swiglu(&gd, &ud, &xn, n, k), &s);
+        } else {
+            check(&what, &got, &reference(&gd, &xn, n, k), &sg);
+        }
+    }
+
+    #[test]
+    fn matvec_fused_norm() {
+        for gpu in variants() {
+            for dtype in DType::ALL {
+                let ks: &[usize] = if dtype.is_quantized() { &[96, 576] } else { &[7, 96, 333, 576] };
+                for (i, &k) in ks.iter().enumerate() {
+                    for epi in [Epilogue::Store, Epilogue::SwiGlu] {
+                        norm_case(gpu, dtype, epi, 37, k, i as u64 + 3);
+                    }
+                }
+            }
+        }
+        // Llama-3-8B width, once per path.
+        norm_case(&variants()[0], DType::Q4_0, Epilogue::SwiGlu, 70, 4096, 5);
+        norm_case(&variants()[0], DType::F16, Epilogue::Store, 70, 4096, 6);
+    }
 
     /// (N, K, vectors / tokens, x offset) at odd sizes; K odd for float types and 32 * odd
     /// for quantized ones; offsets that are not multiples of 4 take the element-wise matvec.
