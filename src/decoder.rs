@@ -127,6 +127,7 @@ pub struct MatKernels {
     /// Decode products with the layer's RMSNorm fused in front (Q/K/V and gate/up).
     pub mv_norm: MatVec,
     pub mv_norm_swiglu: MatVec,
+    pub mv_swiglu: MatVec,
     pub mv_add: MatVec,
     pub mm: MatMul,
     pub mm_add: MatMul,
@@ -151,6 +152,7 @@ impl Kernels {
                     mv: MatVec::new(gpu, d, Epilogue::Store)?,
                     mv_norm: MatVec::with_norm(gpu, d, Epilogue::Store, c.rms_norm_eps)?,
                     mv_norm_swiglu: MatVec::with_norm(gpu, d, Epilogue::SwiGlu, c.rms_norm_eps)?,
+                    mv_swiglu: MatVec::new(gpu, d, Epilogue::SwiGlu)?,
                     mv_add: MatVec::new(gpu, d, Epilogue::Add)?,
                     mm: MatMul::new(gpu, d, Epilogue::Store)?,
                     mm_add: MatMul::new(gpu, d, Epilogue::Add)?,
@@ -394,8 +396,10 @@ impl Decoder {
         }
         for (i, l) in w.layers.iter().enumerate() {
             // Attention block: x += Wo · attention(rope(Wq·n(x)), cache + rope(Wk·n(x)), Wv·n(x)),
-            // with Wq, Wk, Wv one stacked product. Decoding fuses the norm n into the product.
-            if prefill {
+            // with Wq, Wk, Wv one stacked product. Decoding fuses the norm n into the product
+            // where the vector fits the fused kernel.
+            let fuse_norm = !prefill && c.hidden_size <= MatVec::NORM_MAX_COLS;
+            if !fuse_norm {
                 push(
                     &mut steps,
                     k.norm.bind(gpu, &b.x, &l.attn_norm, &b.xn, rows, hidden, c.rms_norm_eps),
@@ -409,8 +413,10 @@ impl Decoder {
                 let out = OutRows { stride, offset };
                 let list = if prefill {
                     mk.mm.bind_into(gpu, m, &b.xn, &b.qkv, out, rows as usize)?
-                } else {
+                } else if fuse_norm {
                     mk.mv_norm.bind_norm_into(gpu, m, &b.x, &l.attn_norm, &b.qkv, out, 1)?
+                } else {
+                    mk.mv.bind_into(gpu, m, &b.xn, &b.qkv, out, 1)?
                 };
                 for (bound, g) in list {
                     push(&mut steps, bound, if prefill { matmul_groups(g) } else { fixed(g) });
@@ -436,21 +442,22 @@ impl Decoder {
             // Feed-forward block: x += Wdown · (silu(Wgate·n(x)) * Wup·n(x)), the norm fused
             // into the gate/up product when decoding.
             let mk = k.mat(&l.gate);
-            if prefill {
+            if !fuse_norm {
                 push(
                     &mut steps,
                     k.norm.bind(gpu, &b.x, &l.ffn_norm, &b.xn, rows, hidden, c.rms_norm_eps),
                     Box::new(crate::kernels::rms_norm::groups),
                 );
-                for (bound, g) in mk.mm_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, rows as usize)? {
-                    push(&mut steps, bound, matmul_groups(g));
-                }
-            } else {
-                for (bound, g) in
+            }
+            let list = match (prefill, fuse_norm) {
+                (true, _) => mk.mm_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, rows as usize)?,
+                (false, true) => {
                     mk.mv_norm_swiglu.bind_norm_swiglu(gpu, &l.gate, &l.up, &b.x, &l.ffn_norm, &b.ffn, 1)?
-                {
-                    push(&mut steps, bound, fixed(g));
                 }
+                (false, false) => mk.mv_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, 1)?,
+            };
+            for (bound, g) in list {
+                push(&mut steps, bound, if prefill { matmul_groups(g) } else { fixed(g) });
             }
             matmul(&mut steps, &l.down, &b.ffn, &b.x, true)?;
         }

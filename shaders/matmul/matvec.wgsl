@@ -13,8 +13,10 @@
 // XVEC (cols % 32 == 0 and x_off % 4 == 0): the fast block path with 16-byte loads of x and W.
 // Without it, an element-wise path for any shape.
 // NORM: x is first RMS-normalised with weight gn (x * gn / sqrt(mean(x^2) + eps)), fusing the
-// norm that precedes a layer's first product: each workgroup sums the squares of its vector
-// itself (k floats from cache), which costs less than a dispatch of its own.
+// norm that precedes a layer's first product. Each workgroup sums the squares of its vector
+// itself; on the fast path it also keeps x * gn in workgroup memory (k <= 2048), so the main
+// loop reads x from there, and scales the finished dot products by 1 / rms (the product is
+// linear in x).
 
 struct Params {
     n: u32,
@@ -39,10 +41,16 @@ struct Params {
 @group(0) @binding(4) var<storage, read> U: array<vec4<u32>>;
 #endif
 #if NORM
-#if SWIGLU
-@group(0) @binding(5) var<storage, read> gn: array<f32>;
+#if XVEC
+alias NormWord = vec4<f32>;
+var<workgroup> xg: array<vec4<f32>, 512>;
 #else
-@group(0) @binding(4) var<storage, read> gn: array<f32>;
+alias NormWord = f32;
+#endif
+#if SWIGLU
+@group(0) @binding(5) var<storage, read> gn: array<NormWord>;
+#else
+@group(0) @binding(4) var<storage, read> gn: array<NormWord>;
 #endif
 // The norm's epsilon as f32 bits (pipeline constants are numbers; this keeps it exact).
 override EPS_BITS: u32 = 0u;
@@ -103,7 +111,11 @@ fn main(
     var ss = 0.0;
 #if XVEC
     let x4 = (p.x_off + v * p.k) / 4u;
-    for (var i = lid; i < p.k / 4u; i += WG) { let a = x[x4 + i]; ss += dot(a, a); }
+    for (var i = lid; i < p.k / 4u; i += WG) {
+        let a = x[x4 + i];
+        ss += dot(a, a);
+        xg[i] = a * gn[i];
+    }
 #else
     for (var i = lid; i < p.k; i += WG) { let a = x[p.x_off + v * p.k + i]; ss += a * a; }
 #endif
@@ -124,11 +136,8 @@ fn main(
     for (var kb = lane; kb < nb; kb += TPR) {
         let o = xb + kb * 8u;
 #if NORM
-        var xs: array<vec4<f32>, 8>;
-        for (var i = 0u; i < 8u; i++) {
-            let c = kb * 32u + i * 4u;
-            xs[i] = x[o + i] * vec4<f32>(gn[c], gn[c + 1u], gn[c + 2u], gn[c + 3u]) * inv_rms;
-        }
+        let g = kb * 8u;
+        let xs = array<vec4<f32>, 8>(xg[g], xg[g + 1u], xg[g + 2u], xg[g + 3u], xg[g + 4u], xg[g + 5u], xg[g + 6u], xg[g + 7u]);
 #else
         let xs = array<vec4<f32>, 8>(x[o], x[o + 1u], x[o + 2u], x[o + 3u], x[o + 4u], x[o + 5u], x[o + 6u], x[o + 7u]);
 #endif
@@ -147,7 +156,7 @@ fn main(
     let xb = p.x_off + v * p.k;
     for (var c = lane; c < p.k; c += TPR) {
 #if NORM
-        let xv = x[xb + c] * gn[c] * inv_rms;
+        let xv = x[xb + c] * gn[c];
 #else
         let xv = x[xb + c];
 #endif
@@ -162,10 +171,15 @@ fn main(
         }
     }
 #endif
-    let tot = segment_sum(acc, lid, sgs);
+#if NORM
+    let scale = inv_rms;
+#else
+    let scale = 1.0;
+#endif
+    let tot = segment_sum(acc, lid, sgs) * scale;
 #if SWIGLU
     workgroupBarrier();
-    let totu = segment_sum(accu, lid, sgs);
+    let totu = segment_sum(accu, lid, sgs) * scale;
 #endif
     if (lane == 0u) {
         for (var r = 0u; r < R; r++) {

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernels::attention::{rope_table, AttentionKernels, AttnShape};
 use crate::kernels::embedding::Embedding;
-use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec};
+use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, OutRows};
 use crate::kernels::probe::{fma_flops, Probes, COPY_GROUPS};
 use crate::kernels::rms_norm::RmsNorm;
 use crate::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
@@ -210,7 +210,7 @@ impl Bench<'_> {
                 let (mv_name, mm_name) = (format!("matvec_{name}"), format!("matmul_{name}"));
                 let want_mm = prefill && self.wanted(&mm_name);
                 let want_embed = name == "lm_head" && self.wanted("embedding");
-                if !self.wanted(&mv_name) && !want_mm && !want_embed {
+                if !self.wanted(&mv_name) && !want_mm && !want_embed && !self.wanted("matvec_norm") {
                     continue;
                 }
                 let n_mats = if epi == Epilogue::SwiGlu { 2 } else { 1 };
@@ -237,6 +237,34 @@ impl Bench<'_> {
                     let bytes = w_bytes as f64 + act(1);
                     on_row(&Row::new(
                         &mv_name,
+                        sh.name,
+                        dtype.name(),
+                        size(1),
+                        s,
+                        bytes,
+                        flops,
+                        peaks,
+                        gpu,
+                        &self.timer,
+                    ));
+                }
+                // The decode product with the layer's RMSNorm fused in front, where it applies.
+                let norm_name = format!("matvec_norm_{name}");
+                let fusable = matches!(name, "qkv" | "gate_up") && cols <= MatVec::NORM_MAX_COLS;
+                if fusable && self.wanted(&norm_name) {
+                    let k = MatVec::with_norm(gpu, dtype, epi, 1e-5)?;
+                    let g = gpu.upload("norm", &vec![1f32; cols])?;
+                    let sets = pairs
+                        .iter()
+                        .map(|p| match epi {
+                            Epilogue::SwiGlu => k.bind_norm_swiglu(gpu, &p[0], &p[1], &x, &g, &y, 1),
+                            _ => k.bind_norm_into(gpu, &p[0], &x, &g, &y, OutRows::whole(&p[0]), 1),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let s = self.time_sets(&sets)?;
+                    let bytes = w_bytes as f64 + act(1) + cols as f64 * 4.0;
+                    on_row(&Row::new(
+                        &norm_name,
                         sh.name,
                         dtype.name(),
                         size(1),
