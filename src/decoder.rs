@@ -397,8 +397,10 @@ impl Decoder {
         for (i, l) in w.layers.iter().enumerate() {
             // Attention block: x += Wo · attention(rope(Wq·n(x)), cache + rope(Wk·n(x)), Wv·n(x)),
             // with Wq, Wk, Wv one stacked product. Decoding fuses the norm n into the product
-            // where the vector fits the fused kernel.
-            let fuse_norm = !prefill && c.hidden_size <= MatVec::NORM_MAX_COLS;
+            // where the vector fits the fused kernel, on GPUs: a CPU adapter (lavapipe) pays
+            // more for the per-workgroup reduction and barriers than for a dispatch.
+            let fuse_norm =
+                !prefill && c.hidden_size <= MatVec::NORM_MAX_COLS && gpu.info.device_type != wgpu::DeviceType::Cpu;
             if !fuse_norm {
                 push(
                     &mut steps,
