@@ -382,6 +382,9 @@ mod tests {
         let gpu = &variants()[0];
         check(gpu, AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 600 }, 500, 1, 16, 6);
         check(gpu, AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 600 }, 64, 9, 2, 7);
+        // Eight query heads per KV head, and a group of five.
+        check(gpu, AttnShape { n_heads: 8, n_kv: 1, head_dim: 32, max_ctx: 300 }, 200, 1, 8, 10);
+        check(gpu, AttnShape { n_heads: 10, n_kv: 2, head_dim: 16, max_ctx: 300 }, 0, 70, 1, 11);
         // All 64 splits in use at a long context (65 tiles), and few of them at a short one.
         check(gpu, AttnShape { n_heads: 2, n_kv: 1, head_dim: 8, max_ctx: 4200 }, 4150, 1, 64, 8);
         check(gpu, AttnShape { n_heads: 2, n_kv: 1, head_dim: 8, max_ctx: 4200 }, 200, 2, 64, 9);

@@ -3,9 +3,9 @@
 same operations in PyTorch CUDA on the same inputs. Run by hand on an NVIDIA machine with
 PyTorch, transformers and safetensors (not by CI):
 
-    cargo build --release --bins --examples        # here, or anywhere, then copy target/release
-    python3 tests/cuda/parity.py --bin target/release --model models/cache/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --work /tmp/parity --out tests/cuda/results/DATE-GPU.txt
+    cargo build --release --bins --examples        # here, or anywhere, then copy the binaries
+    python3 tests/cuda/parity.py --bin target/release/examples \
+        --model models/cache/SmolLM2-135M-Instruct.Q4_1.gguf --out tests/cuda/results/DATE-GPU.txt
 
 Three parts, one table:
   (a) kernels: `cuda_parity kernels` runs every kernel on random inputs at SmolLM2-135M and
@@ -200,7 +200,7 @@ TEXT = ("The history of the city begins with a small settlement on the river, wh
 def default_model(args, tol):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     hf = os.path.join(args.work, "smollm2-hf")
-    subprocess.run([os.path.join(args.bin, "longwave"), "convert", "--model", args.model, "--out", hf], check=True)
+    subprocess.run([args.longwave, "convert", "--model", args.model, "--out", hf], check=True)
     tok = AutoTokenizer.from_pretrained(hf)
     ids = tok(TEXT, add_special_tokens=False).input_ids
     at = [16, len(ids)]
@@ -273,7 +273,8 @@ def llama8b(args, tol):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin", required=True, help="folder with longwave and cuda_parity")
+    ap.add_argument("--bin", required=True,
+                    help="folder with cuda_parity and longwave (target/release/examples: longwave is found one up)")
     ap.add_argument("--model", required=True, help="the default model's GGUF")
     ap.add_argument("--work", default="/tmp/longwave-parity")
     ap.add_argument("--out", help="also write the table here")
@@ -284,6 +285,9 @@ def main():
     args = ap.parse_args()
     global DEV
     DEV = args.device
+    args.longwave = os.path.join(args.bin, "longwave")
+    if not os.path.exists(args.longwave):
+        args.longwave = os.path.join(os.path.dirname(os.path.abspath(args.bin)), "longwave")
     os.makedirs(args.work, exist_ok=True)
     # Tolerances: products and attention accumulate in f32 on both sides (different orders);
     # model logits differ by the f16 rounding of the converted weights and the f16 KV cache.
