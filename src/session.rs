@@ -285,7 +285,7 @@ impl Session {
 
     /// Submits one decode step: it feeds the token the previous step sampled (already on the
     /// GPU) and copies the one it samples to readback slot `slot`. One submit.
-    fn submit_decode(&self, slot: usize) {
+    fn submit_decode(&self, slot: usize) -> wgpu::SubmissionIndex {
         let gpu = &self.model.gpu;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         {
@@ -293,13 +293,14 @@ impl Session {
             record(&mut pass, &self.dec.decode, 1);
         }
         enc.copy_buffer_to_buffer(&self.bufs.tokens.buffer, 0, &self.bufs.readback[slot], 0, 4);
-        gpu.queue.submit([enc.finish()]);
+        gpu.queue.submit([enc.finish()])
     }
 
-    /// Waits for the step that fills readback slot `slot` and returns its token (4 bytes).
-    fn read_token(&self, slot: usize) -> Result<u32> {
+    /// Waits for the step that fills readback slot `slot` (submission `index`; a step
+    /// submitted after it keeps running) and returns its token (4 bytes).
+    fn read_token(&self, slot: usize, index: wgpu::SubmissionIndex) -> Result<u32> {
         let mut t = [0u32];
-        self.model.gpu.read_staging(&self.bufs.readback[slot], &mut t)?;
+        self.model.gpu.read_staging_after(&self.bufs.readback[slot], &mut t, Some(index))?;
         Ok(t[0])
     }
 
@@ -393,11 +394,12 @@ impl Session {
         let mut stream = tok.stream_decoder(true);
         let mut out = vec![];
         // Steps run one ahead: the step after the current one is submitted before the current
-        // token is read back (the GPU feeds it on its own), so the GPU never waits for the
-        // host. A step submitted past the end computes a token nobody reads; its cache row
+        // token is read back (the GPU feeds it on its own), and the read waits only for the
+        // current step's submission, so the GPU never waits for the host. A step submitted past the end computes a token nobody reads; its cache row
         // lies beyond `cached` and is overwritten by whatever comes next.
         let mut slot = 0;
-        let mut in_flight = false;
+        // The submission that fills each readback slot, while it is in flight.
+        let mut pending: [Option<wgpu::SubmissionIndex>; 2] = [None, None];
         let stop = loop {
             if opts.stop_at_eos && tok.is_eos(next) {
                 break StopReason::Eos;
@@ -413,18 +415,18 @@ impl Session {
             if self.cached.len() + 1 > self.max_ctx() {
                 break StopReason::ContextFull;
             }
-            if !in_flight {
-                self.submit_decode(slot);
+            if pending[slot].is_none() {
+                pending[slot] = Some(self.submit_decode(slot));
             }
             let ahead = out.len() + 1 < opts.max_tokens && self.cached.len() + 2 <= self.max_ctx();
             if ahead {
-                self.submit_decode(slot ^ 1);
+                pending[slot ^ 1] = Some(self.submit_decode(slot ^ 1));
             }
             let fed = next;
-            next = self.read_token(slot)?;
+            let index = pending[slot].take().ok_or_else(|| Error::Gpu("decode step not submitted".into()))?;
+            next = self.read_token(slot, index)?;
             self.cached.push(fed);
             self.seen[next as usize / 32] |= 1 << (next % 32);
-            in_flight = ahead;
             slot ^= 1;
         };
         let rest = stream.flush(tok)?;

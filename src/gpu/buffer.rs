@@ -126,13 +126,28 @@ impl Gpu {
 
     /// Maps `staging` (already filled by a submitted copy), copies it out and unmaps.
     pub fn read_staging<T: bytemuck::Pod>(&self, staging: &wgpu::Buffer, out: &mut [T]) -> Result<()> {
+        self.read_staging_after(staging, out, None)
+    }
+
+    /// [`Gpu::read_staging`] waiting only for submission `after` (the one that filled
+    /// `staging`), not for work submitted since: decoding reads a token while the next step
+    /// runs.
+    pub fn read_staging_after<T: bytemuck::Pod>(
+        &self,
+        staging: &wgpu::Buffer,
+        out: &mut [T],
+        after: Option<wgpu::SubmissionIndex>,
+    ) -> Result<()> {
         let bytes = std::mem::size_of_val(out) as u64;
         let slice = staging.slice(..bytes.next_multiple_of(4));
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.wait()?;
+        match after {
+            Some(index) => self.wait_for(index)?,
+            None => self.wait()?,
+        }
         rx.recv()
             .map_err(|_| Error::Gpu("readback was dropped".into()))?
             .map_err(|e| Error::Gpu(format!("readback failed: {e}")))?;

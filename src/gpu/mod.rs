@@ -297,6 +297,14 @@ impl Gpu {
         }
     }
 
+    /// Blocks until submission `index` is done (later submissions may still run).
+    pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        self.take_errors()
+    }
+
     /// Blocks until all submitted work is done.
     pub fn wait(&self) -> Result<()> {
         self.device
