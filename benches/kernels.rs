@@ -8,13 +8,7 @@ fn main() -> Result<(), longwave::Error> {
     if !json {
         println!("{}", longwave::bench::Row::table_header());
     }
-    let peaks = longwave::bench::kernels::run(&gpu, &opts, &mut |r| {
-        if json {
-            println!("{}", serde_json::to_string(r).unwrap_or_default());
-        } else {
-            println!("{}", r.table_line());
-        }
-    })?;
+    let peaks = longwave::bench::kernels::run(&gpu, &opts, &mut |r| r.print(json))?;
     eprintln!("copy {:.1} GB/s, fma {:.1} GFLOP/s on {}", peaks.copy_gb_s, peaks.fma_gflop_s, gpu.describe());
     Ok(())
 }

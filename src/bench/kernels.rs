@@ -224,6 +224,9 @@ impl Bench<'_> {
                 let size = |n: usize| format!("{}{rows}x{cols} n={n}", if n_mats == 2 { "2x" } else { "" });
                 let flops = 2.0 * (rows * cols * n_mats) as f64;
                 let act = |n: usize| ((n * cols + n * rows) * 4) as f64;
+                let row = |kernel: &str, size: String, s: f64, bytes: f64, flops: f64| {
+                    Row::new(kernel, sh.name, dtype.name(), size, s, bytes, flops, peaks, gpu, &self.timer)
+                };
                 if self.wanted(&mv_name) {
                     let k = MatVec::new(gpu, dtype, epi)?;
                     let sets = pairs
@@ -235,18 +238,7 @@ impl Bench<'_> {
                         .collect::<Result<Vec<_>>>()?;
                     let s = self.time_sets(&sets)?;
                     let bytes = w_bytes as f64 + act(1);
-                    on_row(&Row::new(
-                        &mv_name,
-                        sh.name,
-                        dtype.name(),
-                        size(1),
-                        s,
-                        bytes,
-                        flops,
-                        peaks,
-                        gpu,
-                        &self.timer,
-                    ));
+                    on_row(&row(&mv_name, size(1), s, bytes, flops));
                 }
                 // The decode product with the layer's RMSNorm fused in front, where it applies.
                 let norm_name = format!("matvec_norm_{name}");
@@ -263,18 +255,7 @@ impl Bench<'_> {
                         .collect::<Result<Vec<_>>>()?;
                     let s = self.time_sets(&sets)?;
                     let bytes = w_bytes as f64 + act(1) + cols as f64 * 4.0;
-                    on_row(&Row::new(
-                        &norm_name,
-                        sh.name,
-                        dtype.name(),
-                        size(1),
-                        s,
-                        bytes,
-                        flops,
-                        peaks,
-                        gpu,
-                        &self.timer,
-                    ));
+                    on_row(&row(&norm_name, size(1), s, bytes, flops));
                 }
                 if want_mm {
                     let k = MatMul::new(gpu, dtype, epi)?;
@@ -288,7 +269,7 @@ impl Bench<'_> {
                     let s = self.time_sets(&sets)?;
                     let bytes = w_bytes as f64 + act(t);
                     let fl = flops * t as f64;
-                    on_row(&Row::new(&mm_name, sh.name, dtype.name(), size(t), s, bytes, fl, peaks, gpu, &self.timer));
+                    on_row(&row(&mm_name, size(t), s, bytes, fl));
                 }
                 if want_embed {
                     let k = Embedding::new(gpu, dtype)?;
@@ -299,7 +280,7 @@ impl Bench<'_> {
                     let row_bytes = dtype.row_bytes(cols).unwrap_or(0) as f64;
                     let bytes = t as f64 * (row_bytes + cols as f64 * 4.0);
                     let sz = format!("{t} of {rows}x{cols}");
-                    on_row(&Row::new("embedding", sh.name, dtype.name(), sz, s, bytes, 0.0, peaks, gpu, &self.timer));
+                    on_row(&row("embedding", sz, s, bytes, 0.0));
                 }
             }
         }

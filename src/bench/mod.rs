@@ -199,6 +199,15 @@ impl Row {
         }
     }
 
+    /// Prints the row as one JSON object or as a table line.
+    pub fn print(&self, json: bool) {
+        if json {
+            println!("{}", serde_json::to_string(self).unwrap_or_default());
+        } else {
+            println!("{}", self.table_line());
+        }
+    }
+
     pub fn table_header() -> String {
         format!(
             "{:<14} {:<13} {:<6} {:<26} {:>10} {:>9} {:>6} {:>9} {:>6}",

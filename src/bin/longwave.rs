@@ -471,13 +471,7 @@ fn run(cli: Cli) -> longwave::Result<()> {
             if !json {
                 println!("{}", Row::table_header());
             }
-            let peaks = longwave::bench::kernels::run(&gpu, &opts, &mut |r| {
-                if json {
-                    println!("{}", serde_json::to_string(r).unwrap_or_default());
-                } else {
-                    println!("{}", r.table_line());
-                }
-            })?;
+            let peaks = longwave::bench::kernels::run(&gpu, &opts, &mut |r| r.print(json))?;
             if !json {
                 println!(
                     "copy bandwidth {:.1} GB/s, f32 fma peak {:.1} GFLOP/s on {}",
