@@ -284,15 +284,23 @@ impl Session {
     }
 
     /// Submits one decode step: it feeds the token the previous step sampled (already on the
-    /// GPU) and copies the one it samples to readback slot `slot`. One submit.
-    fn submit_decode(&self, slot: usize) -> wgpu::SubmissionIndex {
+    /// GPU) and, with `slot`, copies the one it samples to that readback slot. One submit;
+    /// `timestamps` brackets its pass (benchmarks).
+    fn submit_decode(
+        &self,
+        slot: Option<usize>,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> wgpu::SubmissionIndex {
         let gpu = &self.model.gpu;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         {
-            let mut pass = enc.begin_compute_pass(&Default::default());
+            let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: timestamps };
+            let mut pass = enc.begin_compute_pass(&desc);
             record(&mut pass, &self.dec.decode, 1);
         }
-        enc.copy_buffer_to_buffer(&self.bufs.tokens.buffer, 0, &self.bufs.readback[slot], 0, 4);
+        if let Some(slot) = slot {
+            enc.copy_buffer_to_buffer(&self.bufs.tokens.buffer, 0, &self.bufs.readback[slot], 0, 4);
+        }
         gpu.queue.submit([enc.finish()])
     }
 
@@ -322,19 +330,19 @@ impl Session {
         if needed > self.max_ctx() {
             return Err(Error::ContextFull { needed, limit: self.max_ctx() });
         }
-        let gpu = &self.model.gpu;
+        if steps > timer.capacity() {
+            return Err(Error::InvalidArgument(format!(
+                "{steps} profiled steps need a timer for as many passes (it holds {})",
+                timer.capacity()
+            )));
+        }
         let mut host = Duration::ZERO;
         for i in 0..steps {
             let t = Instant::now();
-            let mut enc = gpu.device.create_command_encoder(&Default::default());
-            {
-                let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: timer.writes(i) };
-                let mut pass = enc.begin_compute_pass(&desc);
-                record(&mut pass, &self.dec.decode, 1);
-            }
-            gpu.queue.submit([enc.finish()]);
+            self.submit_decode(None, timer.writes(i));
             host += t.elapsed();
         }
+        let gpu = &self.model.gpu;
         let times = timer.collect(gpu, steps)?;
         gpu.wait()?;
         self.cached.clear();
@@ -416,11 +424,11 @@ impl Session {
                 break StopReason::ContextFull;
             }
             if pending[slot].is_none() {
-                pending[slot] = Some(self.submit_decode(slot));
+                pending[slot] = Some(self.submit_decode(Some(slot), None));
             }
             let ahead = out.len() + 1 < opts.max_tokens && self.cached.len() + 2 <= self.max_ctx();
             if ahead {
-                pending[slot ^ 1] = Some(self.submit_decode(slot ^ 1));
+                pending[slot ^ 1] = Some(self.submit_decode(Some(slot ^ 1), None));
             }
             let fed = next;
             let index = pending[slot].take().ok_or_else(|| Error::Gpu("decode step not submitted".into()))?;

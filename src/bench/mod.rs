@@ -59,6 +59,11 @@ impl GpuTimer {
         }
     }
 
+    /// Passes one measurement can time.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
     pub fn has_timestamps(&self) -> bool {
         self.queries.is_some()
     }
