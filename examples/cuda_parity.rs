@@ -143,7 +143,7 @@ fn norm_and_sampling(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -
     let x = rng.vec(t * h, 2.0);
     let w = rng.vec(h, 1.0);
     let (xb, wb, yb) = (gpu.upload("x", &x)?, gpu.upload("w", &w)?, gpu.storage("y", (t * h) as u64 * 4)?);
-    let b = RmsNorm::new(gpu)?.bind(gpu, &xb, &wb, &yb, t as u32, h as u32, 1e-5);
+    let b = RmsNorm::new(gpu)?.bind(gpu, &xb, &wb, &yb, t as u32, h as u32, 1e-5)?;
     run(gpu, &[(b, longwave::kernels::rms_norm::groups(t as u32))])?;
     let case = format!("{}/rms_norm", sh.name);
     out.f32(format!("{case}/x"), &[t, h], &x);

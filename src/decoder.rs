@@ -302,6 +302,8 @@ impl Buffers {
 type GroupsFn = Box<dyn Fn(u32) -> [u32; 3] + Send + Sync>;
 
 pub struct Dispatch {
+    /// What it computes ("qkv", "attend", "lm_head", ...), for per-kernel profiles.
+    pub kind: &'static str,
     pub bound: Bound,
     pub groups: GroupsFn,
 }
@@ -343,14 +345,16 @@ impl Decoder {
         let nll_targets = gpu.storage("nll targets", chunk as u64 * 4)?;
         let nll_out = gpu.storage("nll", chunk as u64 * 4)?;
         let mut ppl_tail = vec![Dispatch {
-            bound: k.norm.bind(gpu, &b.x, &w.norm, &b.xn, chunk, hidden, c.rms_norm_eps),
+            kind: "final_norm",
+            bound: k.norm.bind(gpu, &b.x, &w.norm, &b.xn, chunk, hidden, c.rms_norm_eps)?,
             groups: Box::new(crate::kernels::rms_norm::groups),
         }];
         let mk = k.mat(w.lm_head());
         for (bound, g) in mk.mm.bind(gpu, w.lm_head(), &b.xn, 0, &b.logits, chunk as usize)? {
-            ppl_tail.push(Dispatch { bound, groups: matmul_groups(g) });
+            ppl_tail.push(Dispatch { kind: "lm_head", bound, groups: matmul_groups(g) });
         }
         ppl_tail.push(Dispatch {
+            kind: "nll",
             bound: k.sampling.bind_nll(gpu, chunk, vocab, &b.logits, &nll_targets, &nll_out),
             groups: Box::new(|n| [n, 1, 1]),
         });
@@ -373,26 +377,33 @@ impl Decoder {
         let rows = if prefill { plan.chunk } else { 1 };
         let splits = if prefill { plan.prefill_splits } else { plan.decode_splits };
         let mut steps: Vec<Dispatch> = vec![];
-        let push = |steps: &mut Vec<Dispatch>, bound: Bound, groups: GroupsFn| steps.push(Dispatch { bound, groups });
+        let push = |steps: &mut Vec<Dispatch>, kind: &'static str, bound: Bound, groups: GroupsFn| {
+            steps.push(Dispatch { kind, bound, groups })
+        };
         // Matrix products: matmul kernels for many tokens, matvec for one.
-        let matmul =
-            |steps: &mut Vec<Dispatch>, m: &GpuMatrix, x: &GpuBuffer, y: &GpuBuffer, add: bool| -> Result<()> {
-                let mk = k.mat(m);
-                let list = match (prefill, add) {
-                    (true, false) => mk.mm.bind(gpu, m, x, 0, y, rows as usize)?,
-                    (true, true) => mk.mm_add.bind(gpu, m, x, 0, y, rows as usize)?,
-                    (false, false) => mk.mv.bind(gpu, m, x, 0, y, 1)?,
-                    (false, true) => mk.mv_add.bind(gpu, m, x, 0, y, 1)?,
-                };
-                for (bound, g) in list {
-                    push(steps, bound, if prefill { matmul_groups(g) } else { fixed(g) });
-                }
-                Ok(())
+        let matmul = |steps: &mut Vec<Dispatch>,
+                      kind: &'static str,
+                      m: &GpuMatrix,
+                      x: &GpuBuffer,
+                      y: &GpuBuffer,
+                      add: bool|
+         -> Result<()> {
+            let mk = k.mat(m);
+            let list = match (prefill, add) {
+                (true, false) => mk.mm.bind(gpu, m, x, 0, y, rows as usize)?,
+                (true, true) => mk.mm_add.bind(gpu, m, x, 0, y, rows as usize)?,
+                (false, false) => mk.mv.bind(gpu, m, x, 0, y, 1)?,
+                (false, true) => mk.mv_add.bind(gpu, m, x, 0, y, 1)?,
             };
+            for (bound, g) in list {
+                push(steps, kind, bound, if prefill { matmul_groups(g) } else { fixed(g) });
+            }
+            Ok(())
+        };
 
         // Token ids -> hidden states.
         for (bound, _) in k.embed.bind(gpu, &w.embed, &b.tokens, 0, &b.x, rows as usize)? {
-            push(&mut steps, bound, Box::new(crate::kernels::groups_1d));
+            push(&mut steps, "embed", bound, Box::new(crate::kernels::groups_1d));
         }
         for (i, l) in w.layers.iter().enumerate() {
             // Attention block: x += Wo · attention(rope(Wq·n(x)), cache + rope(Wk·n(x)), Wv·n(x)),
@@ -404,7 +415,8 @@ impl Decoder {
             if !fuse_norm {
                 push(
                     &mut steps,
-                    k.norm.bind(gpu, &b.x, &l.attn_norm, &b.xn, rows, hidden, c.rms_norm_eps),
+                    "attn_norm",
+                    k.norm.bind(gpu, &b.x, &l.attn_norm, &b.xn, rows, hidden, c.rms_norm_eps)?,
                     Box::new(crate::kernels::rms_norm::groups),
                 );
             }
@@ -421,33 +433,37 @@ impl Decoder {
                     mk.mv.bind_into(gpu, m, &b.xn, &b.qkv, out, 1)?
                 };
                 for (bound, g) in list {
-                    push(&mut steps, bound, if prefill { matmul_groups(g) } else { fixed(g) });
+                    push(&mut steps, "qkv", bound, if prefill { matmul_groups(g) } else { fixed(g) });
                 }
                 offset += m.rows;
             }
             push(
                 &mut steps,
+                "rope_kv",
                 k.attn.bind_rope_kv(gpu, sh, &b.state, &b.rope, &b.qkv, &b.q, &b.k_cache[i], &b.v_cache[i]),
                 Box::new(move |n| AttentionKernels::rope_groups(sh, n)),
             );
             push(
                 &mut steps,
+                "attend",
                 k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, &b.k_cache[i], &b.v_cache[i], &b.part),
                 Box::new(move |n| AttentionKernels::attend_groups(sh, splits, n)),
             );
             push(
                 &mut steps,
+                "merge",
                 k.attn.bind_merge(gpu, sh, splits, &b.state, &b.part, &b.attn),
                 Box::new(move |n| AttentionKernels::merge_groups(sh, n)),
             );
-            matmul(&mut steps, &l.o, &b.attn, &b.x, true)?;
+            matmul(&mut steps, "o", &l.o, &b.attn, &b.x, true)?;
             // Feed-forward block: x += Wdown · (silu(Wgate·n(x)) * Wup·n(x)), the norm fused
             // into the gate/up product when decoding.
             let mk = k.mat(&l.gate);
             if !fuse_norm {
                 push(
                     &mut steps,
-                    k.norm.bind(gpu, &b.x, &l.ffn_norm, &b.xn, rows, hidden, c.rms_norm_eps),
+                    "ffn_norm",
+                    k.norm.bind(gpu, &b.x, &l.ffn_norm, &b.xn, rows, hidden, c.rms_norm_eps)?,
                     Box::new(crate::kernels::rms_norm::groups),
                 );
             }
@@ -459,24 +475,26 @@ impl Decoder {
                 (false, false) => mk.mv_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, 1)?,
             };
             for (bound, g) in list {
-                push(&mut steps, bound, if prefill { matmul_groups(g) } else { fixed(g) });
+                push(&mut steps, "gate_up", bound, if prefill { matmul_groups(g) } else { fixed(g) });
             }
-            matmul(&mut steps, &l.down, &b.ffn, &b.x, true)?;
+            matmul(&mut steps, "down", &l.down, &b.ffn, &b.x, true)?;
         }
         // The last token's hidden state -> logits -> next token.
         let layers_len = steps.len();
         push(
             &mut steps,
-            k.norm.bind_last(gpu, &b.state, &b.x, &w.norm, &b.last, hidden, c.rms_norm_eps),
+            "final_norm",
+            k.norm.bind_last(gpu, &b.state, &b.x, &w.norm, &b.last, hidden, c.rms_norm_eps)?,
             fixed([1, 1, 1]),
         );
         let lm = w.lm_head();
         let mk = k.mat(lm);
         for (bound, g) in mk.mv.bind(gpu, lm, &b.last, 0, &b.logits, 1)? {
-            push(&mut steps, bound, fixed(g));
+            push(&mut steps, "lm_head", bound, fixed(g));
         }
         push(
             &mut steps,
+            "sample",
             k.sampling.bind_sample(gpu, c.vocab_size as u32, &b.logits, &b.seen, &b.state, &b.tokens),
             fixed([1, 1, 1]),
         );

@@ -349,6 +349,45 @@ impl Session {
         Ok((host, times))
     }
 
+    /// For benchmarks: one more decode step, continuing the last generation, with every
+    /// dispatch in its own timed pass. Returns each dispatch's kind and GPU seconds in step
+    /// order (None without timestamps). Pass boundaries add a little to each time; the sum is
+    /// a bit above a normal step's. The session forgets its conversation afterwards.
+    pub fn profile_dispatches(&mut self, timer: &crate::bench::GpuTimer) -> Result<Option<Vec<(&'static str, f64)>>> {
+        if self.cached.is_empty() {
+            return Err(Error::InvalidArgument("profile_dispatches continues a generation: generate first".into()));
+        }
+        let needed = self.cached.len() + 2;
+        if needed > self.max_ctx() {
+            return Err(Error::ContextFull { needed, limit: self.max_ctx() });
+        }
+        let steps = &self.dec.decode;
+        if steps.len() as u32 > timer.capacity() {
+            return Err(Error::InvalidArgument(format!(
+                "a decode step has {} dispatches; the timer holds {} passes",
+                steps.len(),
+                timer.capacity()
+            )));
+        }
+        let gpu = &self.model.gpu;
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        for (i, d) in steps.iter().enumerate() {
+            let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: timer.writes(i as u32) };
+            let mut pass = enc.begin_compute_pass(&desc);
+            d.bound.record(&mut pass, (d.groups)(1));
+        }
+        gpu.queue.submit([enc.finish()]);
+        let times = timer.collect(gpu, steps.len() as u32)?;
+        gpu.wait()?;
+        self.cached.clear();
+        Ok(times.map(|t| steps.iter().map(|d| d.kind).zip(t).collect()))
+    }
+
+    /// Number of dispatches in one decode step.
+    pub fn decode_dispatches(&self) -> usize {
+        self.dec.decode.len()
+    }
+
     /// Continues the context `ids` (the whole conversation so far; what the cache already
     /// holds is reused), calling `on_token(id, text)` for each new token; `on_token` returns
     /// false to stop. `opts.stop` stops it from another thread.

@@ -29,12 +29,26 @@ pub struct DecodeRow {
     pub gpu_ms_per_token: Option<f64>,
     pub decode_tokens: usize,
     pub weight_bytes: u64,
+    /// With `breakdown`: GPU microseconds per decode step by kernel kind, each dispatch in
+    /// its own timed pass, largest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breakdown: Option<Vec<KernelShare>>,
+}
+
+/// One kernel kind's share of a decode step.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelShare {
+    pub kernel: &'static str,
+    pub dispatches: u32,
+    pub us: f64,
 }
 
 pub struct DecodeBenchOptions {
     pub contexts: Vec<usize>,
     pub decode_tokens: usize,
     pub profile_steps: u32,
+    /// Also time each dispatch of one step on its own.
+    pub breakdown: bool,
 }
 
 impl DecodeBenchOptions {
@@ -78,6 +92,7 @@ pub fn run(model: &Arc<Model>, opts: &DecodeBenchOptions, on_row: &mut dyn FnMut
         // The first token comes from the prefill; decode time covers the rest.
         let ms = st.decode_time.as_secs_f64() * 1e3 / (st.generated_tokens.max(2) - 1) as f64;
         let (host, gpu_times) = session.profile_decode(opts.profile_steps, &timer)?;
+        let breakdown = if opts.breakdown { by_kernel(&mut session, &ids, &gen)? } else { None };
         let gpu_ms = gpu_times.map(|mut t| {
             t.sort_by(f64::total_cmp);
             t[t.len() / 2] * 1e3
@@ -93,7 +108,34 @@ pub fn run(model: &Arc<Model>, opts: &DecodeBenchOptions, on_row: &mut dyn FnMut
             gpu_ms_per_token: gpu_ms,
             decode_tokens: opts.decode_tokens,
             weight_bytes: model.weight_bytes(),
+            breakdown,
         });
     }
     Ok(())
+}
+
+/// Generates `gen` after `ids` again, then times one step dispatch by dispatch and sums the
+/// times by kernel kind.
+fn by_kernel(session: &mut Session, ids: &[u32], gen: &GenerateOptions) -> Result<Option<Vec<KernelShare>>> {
+    session.reset();
+    session.generate(ids, &GenerateOptions { max_tokens: 2, ..gen.clone() }, |_, _| true)?;
+    // Two timestamps per pass; wgpu caps a query set at 4096.
+    let n = session.decode_dispatches() as u32;
+    if n > 2048 {
+        return Err(Error::InvalidArgument(format!("{n} dispatches per step are too many to time one by one")));
+    }
+    let timer = GpuTimer::new(&session.model().gpu, n);
+    let Some(times) = session.profile_dispatches(&timer)? else { return Ok(None) };
+    let mut shares: Vec<KernelShare> = vec![];
+    for (kind, t) in times {
+        match shares.iter_mut().find(|s| s.kernel == kind) {
+            Some(s) => {
+                s.dispatches += 1;
+                s.us += t * 1e6;
+            }
+            None => shares.push(KernelShare { kernel: kind, dispatches: 1, us: t * 1e6 }),
+        }
+    }
+    shares.sort_by(|a, b| b.us.total_cmp(&a.us));
+    Ok(Some(shares))
 }

@@ -161,8 +161,15 @@ impl Bench<'_> {
         let row = |k: &str, size: String, t: f64, bytes: f64, flops: f64| {
             Row::new(k, "probe", "-", size, t, bytes, flops, &peaks, gpu, &self.timer)
         };
+        // The floor under every dependent dispatch: a one-workgroup copy of 4 KiB, repeated
+        // in one pass, each waiting for the previous one's write (as a decode step's do).
+        let small = 4096u64;
+        let (src, dst) = (gpu.storage("dispatch src", small)?, gpu.storage("dispatch dst", small)?);
+        let tiny = p.bind_copy(gpu, &src, &dst);
+        let t_tiny = self.timer.time(gpu, 200, self.opts.trials, &|pass, _| tiny.record(pass, [1, 1, 1]))?;
         on_row(&row("copy", format!("{} MiB", bytes >> 20), t, 2.0 * bytes as f64, 0.0));
         on_row(&row("fma", format!("{} threads x {iters}", groups * 256), t_fma, 0.0, flops));
+        on_row(&row("dispatch", "4 KiB copy, 1 workgroup".into(), t_tiny, 2.0 * small as f64, 0.0));
         Ok(peaks)
     }
 
@@ -354,7 +361,7 @@ impl Bench<'_> {
             let w = gpu.upload("w", &vec![1f32; h as usize])?;
             let y = gpu.storage("y", (t * h) as u64 * 4)?;
             for rows in [1, t] {
-                let b = k.bind(gpu, &x, &w, &y, rows, h, 1e-5);
+                let b = k.bind(gpu, &x, &w, &y, rows, h, 1e-5)?;
                 let s = self.time_sets(&[vec![(b, crate::kernels::rms_norm::groups(rows))]])?;
                 let bytes = (2 * rows * h * 4 + h * 4) as f64;
                 let r =

@@ -121,6 +121,9 @@ enum BenchCmd {
         /// One JSON object per line and context.
         #[arg(long)]
         json: bool,
+        /// Also time each dispatch of one decode step on its own and sum by kernel.
+        #[arg(long)]
+        breakdown: bool,
     },
     /// Every kernel at SmolLM2-135M and Llama-3-8B shapes with GPU timestamps, against the
     /// adapter's copy bandwidth and f32 peak.
@@ -417,7 +420,7 @@ fn run(cli: Cli) -> longwave::Result<()> {
             longwave::model::convert::convert_to_hf(&files, &out)?;
             eprintln!("wrote {}", out.display());
         }
-        Cmd::Bench { what: BenchCmd::Decode { m, contexts, decode_tokens, profile_steps, json } } => {
+        Cmd::Bench { what: BenchCmd::Decode { m, contexts, decode_tokens, profile_steps, json, breakdown } } => {
             let model = m.load()?;
             let contexts = if contexts.is_empty() {
                 let cap = m.ctx.unwrap_or(usize::MAX);
@@ -425,7 +428,7 @@ fn run(cli: Cli) -> longwave::Result<()> {
             } else {
                 contexts
             };
-            let opts = DecodeBenchOptions { contexts, decode_tokens, profile_steps };
+            let opts = DecodeBenchOptions { contexts, decode_tokens, profile_steps, breakdown };
             if !json {
                 println!(
                     "{:>8} {:>12} {:>12} {:>10} {:>10} {:>10}",
@@ -441,6 +444,16 @@ fn run(cli: Cli) -> longwave::Result<()> {
                         "{:>8} {:>12.1} {:>12.1} {:>10.3} {:>10.3} {:>10}",
                         r.context, r.prefill_tok_s, r.decode_tok_s, r.ms_per_token, r.host_ms_per_token, gpu
                     );
+                    let total: f64 = r.breakdown.iter().flatten().map(|k| k.us).sum();
+                    for k in r.breakdown.iter().flatten() {
+                        println!(
+                            "{:>12} {:>5} x {:>10.1} us {:>5.1}%",
+                            k.kernel,
+                            k.dispatches,
+                            k.us,
+                            100.0 * k.us / total.max(1e-9)
+                        );
+                    }
                 }
             })?;
             if !json {

@@ -68,7 +68,9 @@ pub struct GpuOptions {
     pub no_f16: bool,
     /// Do not use subgroup operations even if offered.
     pub no_subgroups: bool,
-    /// Pretend the binding limit is this small (tests of tensor splitting).
+    /// Pretend the binding limit is this small (tests of tensor splitting; large tensors are
+    /// split into chunks of at most this many bytes). Falls back to `LONGWAVE_MAX_BINDING`
+    /// (bytes, or with a K/M/G suffix).
     pub max_binding: Option<u64>,
     /// Refuse to allocate more than this many bytes of buffers (to share a GPU, or to see
     /// what fits in a smaller one). Falls back to `LONGWAVE_GPU_MEMORY` (bytes, or with a
@@ -220,7 +222,11 @@ impl Gpu {
                 v.push(e.to_string());
             }
         }));
-        let caps = Caps::new(&info, &limits, f16, subgroups, timestamps, opts.max_binding.unwrap_or(u64::MAX));
+        let max_binding = opts
+            .max_binding
+            .or_else(|| std::env::var("LONGWAVE_MAX_BINDING").ok().and_then(|v| parse_bytes(&v)))
+            .unwrap_or(u64::MAX);
+        let caps = Caps::new(&info, &limits, f16, subgroups, timestamps, max_binding);
         Ok(Arc::new(Gpu {
             device,
             queue,
@@ -247,10 +253,21 @@ impl Gpu {
         }
         let source = shader::compose(key)?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(key.name),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
+        let desc =
+            wgpu::ShaderModuleDescriptor { label: Some(key.name), source: wgpu::ShaderSource::Wgsl(source.into()) };
+        // Bounds checks stay on. Loop bounding (naga adding an iteration counter to every
+        // loop, so that a driver cannot treat an endless loop as unreachable) is off: the
+        // counter kept NVIDIA's compiler from unrolling our short fixed loops, which left
+        // register arrays in local memory and serialised independent loads (decode 27-29%
+        // slower on an H200; benches/RESULTS.md). LONGWAVE_SHADER_CHECKS=strict turns it
+        // back on, e.g. to rule it out when a driver misbehaves.
+        let mut checks = wgpu::ShaderRuntimeChecks::checked();
+        checks.force_loop_bounding = std::env::var("LONGWAVE_SHADER_CHECKS").is_ok_and(|v| v == "strict");
+        // SAFETY: with loop bounding off, wgpu requires that no shader loops forever. Every
+        // loop in shaders/ runs to a bound taken from a constant, a workgroup size, a buffer
+        // length or a parameter the host validated (contexts, row counts, sizes), and steps
+        // towards it without overflow at the sizes the host allows.
+        let module = unsafe { self.device.create_shader_module_trusted(desc, checks) };
         let constants: Vec<(&str, f64)> = key.constants.iter().map(|(k, v)| (*k, *v as f64)).collect();
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(key.name),
