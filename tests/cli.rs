@@ -1,5 +1,6 @@
 //! The command line on bad input: every case ends with a clear message and a failing exit
-//! status, never a panic or a hang. Plus the output contract of `generate` and `ppl`.
+//! status, never a panic or a hang. Plus the output contract of `generate`, `ppl` and
+//! `bench decode --json`.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -98,4 +99,30 @@ fn generate_prints_only_text_on_stdout_and_ppl_prints_its_contract() {
     let ppl: f64 = out.lines().find_map(|l| l.strip_prefix("perplexity: ")).unwrap().parse().unwrap();
     assert!(ppl.is_finite() && ppl > 1.0 && ppl < 1000.0, "{out}");
     assert!(out.lines().any(|l| l.starts_with("tokens: ")), "{out}");
+}
+
+#[test]
+fn bench_decode_json_has_its_fields_and_a_per_kernel_breakdown() {
+    let m = model();
+    let args = ["bench", "decode", "--model", m.to_str().unwrap(), "--contexts", "16", "--decode-tokens", "3"];
+    let o = longwave(&[&args[..], &["--profile-steps", "2", "--breakdown", "--json"]].concat(), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout.clone()).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "one object per context: {out}");
+    let row: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(row["context"], 16);
+    for key in ["prefill_tok_s", "decode_tok_s", "host_ms_per_token"] {
+        assert!(row[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {row}");
+    }
+    assert!(row["model"].as_str().is_some_and(|s| s.ends_with(".gguf")) && row["adapter"].is_string(), "{row}");
+    // SmolLM2-135M: 30 layers, each with one qkv product and one attend; one LM head and one
+    // sampler per step. Every share took some time.
+    let kernels = row["breakdown"].as_array().expect("breakdown");
+    let count = |k: &str| kernels.iter().find(|s| s["kernel"] == k).map(|s| s["dispatches"].as_u64().unwrap());
+    assert_eq!(
+        (count("qkv"), count("attend"), count("lm_head"), count("sample")),
+        (Some(30), Some(30), Some(1), Some(1))
+    );
+    assert!(kernels.iter().all(|s| s["us"].as_f64().is_some_and(|us| us > 0.0)), "{row}");
 }
