@@ -6,10 +6,10 @@
 //
 // A workgroup of 64 invocations is split into segments of TPR invocations (a pipeline
 // constant: fewer for short rows, so that no invocation idles on a 576-wide row and the
-// workgroup still covers many rows); each segment computes R = 4 rows. Invocations walk whole
-// 32-element blocks (kb = lane, lane + TPR, ...), load the x block once for all four rows and
-// accumulate in f32; the segment then sums its lanes (subgroup shuffles within a subgroup, then
-// workgroup memory).
+// workgroup still covers many rows); each segment computes R rows (see R below). Invocations
+// walk whole 32-element blocks (kb = lane, lane + TPR, ...), load the x block once for all R
+// rows and accumulate in f32; the segment then sums its lanes (subgroup shuffles within a
+// subgroup, then workgroup memory).
 // XVEC (cols % 32 == 0 and x_off % 4 == 0): the fast block path with 16-byte loads of x and W.
 // Without it, an element-wise path for any shape.
 // NORM: x is first RMS-normalised with weight gn (x * gn / sqrt(mean(x^2) + eps)), fusing the
@@ -61,7 +61,9 @@ fn w_layout(m: u32) -> vec2<u32> {
 }
 
 const WG: u32 = 64u;
-const R: u32 = 4u;
+// Rows per segment, a pipeline constant: 4, or 2 or 1 where a matrix is too small to give a
+// GPU enough workgroups at 4 (matvec_rows in matmul.rs). At most 4: one vec4 of sums.
+override R: u32 = 4u;
 // Invocations per row segment: a power of two, at most WG.
 override TPR: u32 = 64u;
 

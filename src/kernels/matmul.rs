@@ -293,8 +293,21 @@ fn write_t(queue: &wgpu::Queue, b: &Bound, t: u32) {
     }
 }
 
-/// Rows of the matrix one matvec row segment computes.
-pub const MATVEC_ROWS: usize = 4;
+/// Rows each segment of a matvec workgroup computes: 4, so that each loaded block of x serves
+/// four rows, unless a GPU would then get fewer than [`MATVEC_MIN_GROUPS`] workgroups; then 2
+/// or 1, trading that reuse for parallelism. Measured on an H200 (benches/RESULTS.md): the
+/// SmolLM2-135M products (36-100 workgroups at 4 rows) decode ~40% faster this way, while
+/// the Llama-3-8B ones (1024 and more) lose with fewer rows. A CPU adapter runs few
+/// invocations at once and keeps 4.
+pub fn matvec_rows(gpu: &Gpu, rows: usize, segments: usize) -> usize {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        return 4;
+    }
+    [4, 2].into_iter().find(|&r| rows.div_ceil(r * segments) >= MATVEC_MIN_GROUPS).unwrap_or(1)
+}
+
+/// Workgroups below which a matvec takes fewer rows per segment (see [`matvec_rows`]).
+pub const MATVEC_MIN_GROUPS: usize = 1024;
 
 /// Invocations that share one row in the matvec: about one 32-element block (fast path) or
 /// 32 elements (element-wise path) each, a power of two from 4 to 64. Short rows thus get
@@ -312,6 +325,8 @@ pub struct MatVec {
     epilogue: Epilogue,
     /// RMSNorm of x (with this epsilon and a weight given at bind time) fused in front.
     norm_eps: Option<f32>,
+    /// Rows per segment instead of [`matvec_rows`]'s choice (tests of every variant).
+    rows_per_segment: Option<usize>,
 }
 
 impl MatVec {
@@ -330,11 +345,20 @@ impl MatVec {
     }
 
     fn build(gpu: &Gpu, dtype: DType, epilogue: Epilogue, norm_eps: Option<f32>) -> Result<MatVec> {
-        let k = MatVec { dtype, epilogue, norm_eps };
+        let k = MatVec { dtype, epilogue, norm_eps, rows_per_segment: None };
         // The fast path is what real models use; compile it now. The element-wise path (odd
         // shapes) compiles on first bind.
-        gpu.pipeline(&k.key(gpu, true, 64))?;
+        gpu.pipeline(&k.key(gpu, true, 64).constant("R", 4))?;
         Ok(k)
+    }
+
+    /// Forces 1, 2 or 4 rows per segment (tests; normally chosen per matrix and device).
+    pub fn with_rows_per_segment(mut self, rows: usize) -> Result<MatVec> {
+        if ![1, 2, 4].contains(&rows) {
+            return Err(Error::InvalidArgument(format!("{rows} rows per matvec segment (1, 2 or 4)")));
+        }
+        self.rows_per_segment = Some(rows);
+        Ok(self)
     }
 
     fn key(&self, gpu: &Gpu, fast: bool, tpr: u32) -> PipelineKey {
@@ -463,8 +487,16 @@ impl MatVec {
         let w = mats[0];
         let fast = w.cols.is_multiple_of(32) && x_offset.is_multiple_of(4);
         let tpr = threads_per_row(w.cols, fast);
-        let pipeline = gpu.pipeline(&self.key(gpu, fast, tpr))?;
-        let rows_per_group = MATVEC_ROWS * (64 / tpr as usize);
+        let segments = 64 / tpr as usize;
+        let largest = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0);
+        let r = self.rows_per_segment.unwrap_or_else(|| matvec_rows(gpu, largest, segments));
+        let pipeline = gpu.pipeline(&self.key(gpu, fast, tpr).constant("R", r as u32))?;
+        let rows_per_group = r * segments;
+        if largest.div_ceil(rows_per_group) > 65535 {
+            return Err(Error::InvalidArgument(format!(
+                "{largest} rows at {r} per segment need more than 65535 workgroups"
+            )));
+        }
         Ok(bind_chunks(gpu, "matvec", &pipeline, mats, x, x_offset, norm, y, y_out, n, |rows| {
             [n as u32, rows.div_ceil(rows_per_group) as u32, 1]
         }))
@@ -668,7 +700,7 @@ pub(crate) mod tests {
         let yb = gpu.upload("y", &y0).unwrap();
         let what = format!(
             "{} {} {epi:?} N={n} K={k} T={t} x_off={x_off} chunks={} {:?}",
-            if mm { "matmul" } else { "matvec" },
+            if mm { "matmul".to_string() } else { format!("matvec rows {}", [4, 2, 1][(seed % 3) as usize]) },
             dtype.name(),
             gm.chunks.len(),
             gpu.flags()
@@ -678,13 +710,13 @@ pub(crate) mod tests {
             let b = if mm {
                 MatMul::new(gpu, dtype, epi).unwrap().bind_swiglu(gpu, &gm, &um, &xb, x_off, &yb, t)
             } else {
-                MatVec::new(gpu, dtype, epi).unwrap().bind_swiglu(gpu, &gm, &um, &xb, x_off, &yb, t)
+                matvec_for_test(gpu, dtype, epi, seed).bind_swiglu(gpu, &gm, &um, &xb, x_off, &yb, t)
             };
             b.unwrap()
         } else if mm {
             MatMul::new(gpu, dtype, epi).unwrap().bind(gpu, &gm, &xb, x_off, &yb, t).unwrap()
         } else {
-            MatVec::new(gpu, dtype, epi).unwrap().bind(gpu, &gm, &xb, x_off, &yb, t).unwrap()
+            matvec_for_test(gpu, dtype, epi, seed).bind(gpu, &gm, &xb, x_off, &yb, t).unwrap()
         };
         run_pass(gpu, |p| {
             for (b, g) in &bound {
@@ -714,6 +746,13 @@ pub(crate) mod tests {
 
     const EPIS: [Epilogue; 3] = [Epilogue::Store, Epilogue::Add, Epilogue::SwiGlu];
 
+    /// A matvec with 4, 2 or 1 rows per segment by `seed`, so the cases cover every variant
+    /// whatever the adapter would choose.
+    fn matvec_for_test(gpu: &Gpu, dtype: DType, epi: Epilogue, seed: u64) -> MatVec {
+        let rows = [4, 2, 1][(seed % 3) as usize];
+        MatVec::new(gpu, dtype, epi).unwrap().with_rows_per_segment(rows).unwrap()
+    }
+
     /// RMSNorm fused in front of a decode product (store or SwiGLU), against norm-then-product
     /// in f64.
     fn norm_case(gpu: &Gpu, dtype: DType, epi: Epilogue, n: usize, k: usize, seed: u64) {
@@ -730,7 +769,8 @@ pub(crate) mod tests {
         let um = GpuMatrix::upload(gpu, "u", dtype, n, k, &uq).unwrap();
         let (xb, gb) = (gpu.upload("x", &x).unwrap(), gpu.upload("norm", &g).unwrap());
         let yb = gpu.storage("y", n as u64 * 4).unwrap();
-        let kern = MatVec::with_norm(gpu, dtype, epi, eps).unwrap();
+        let rows = [4, 2, 1][(seed % 3) as usize];
+        let kern = MatVec::with_norm(gpu, dtype, epi, eps).unwrap().with_rows_per_segment(rows).unwrap();
         let bound = match epi {
             Epilogue::SwiGlu => kern.bind_norm_swiglu(gpu, &gm, &um, &xb, &gb, &yb, 1),
             _ => kern.bind_norm_into(gpu, &gm, &xb, &gb, &yb, OutRows::whole(&gm), 1),
@@ -738,7 +778,7 @@ pub(crate) mod tests {
         .unwrap();
         run_pass(gpu, |p| bound.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
         let got: Vec<f32> = gpu.read(&yb, 0, n).unwrap();
-        let what = format!("norm+matvec {} {epi:?} N={n} K={k} {:?}", dtype.name(), gpu.flags());
+        let what = format!("norm+matvec {} {epi:?} N={n} K={k} rows {rows} {:?}", dtype.name(), gpu.flags());
         let sg = abs_scale(&gd, &xn, n, k);
         if epi == Epilogue::SwiGlu {
             let (gr, ur, su) = (reference(&gd, &xn, n, k), reference(&ud, &xn, n, k), abs_scale(&ud, &xn, n, k));
