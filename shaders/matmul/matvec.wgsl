@@ -8,8 +8,9 @@
 // constant: fewer for short rows, so that no invocation idles on a 576-wide row and the
 // workgroup still covers many rows); each segment computes R rows (see R below). Invocations
 // walk whole 32-element blocks (kb = lane, lane + TPR, ...), load the x block once for all R
-// rows and accumulate in f32; the segment then sums its lanes (subgroup shuffles within a
-// subgroup, then workgroup memory).
+// rows and accumulate per row a vec4 of partial sums in f32 (w_dot32v, folded by w_fold at
+// the end); the segment then sums its lanes (subgroup shuffles within a subgroup, then
+// workgroup memory).
 // XVEC (cols % 32 == 0 and x_off % 4 == 0): the fast block path with 16-byte loads of x and W.
 // Without it, an element-wise path for any shape.
 // NORM: x is first RMS-normalised with weight gn (x * gn / sqrt(mean(x^2) + eps)), fusing the
@@ -68,6 +69,24 @@ override R: u32 = 4u;
 override TPR: u32 = 64u;
 
 var<workgroup> red: array<vec4<f32>, 64>;
+
+#if XVEC
+// The 32 x of block kb of the vector starting at vec4 xb (normalised, from workgroup memory,
+// under NORM).
+fn x_block(xb: u32, kb: u32) -> array<vec4<f32>, 8> {
+#if NORM
+    let g = kb * 8u;
+    return array<vec4<f32>, 8>(xg[g], xg[g + 1u], xg[g + 2u], xg[g + 3u], xg[g + 4u], xg[g + 5u], xg[g + 6u], xg[g + 7u]);
+#else
+    let o = xb + kb * 8u;
+    return array<vec4<f32>, 8>(x[o], x[o + 1u], x[o + 2u], x[o + 3u], x[o + 4u], x[o + 5u], x[o + 6u], x[o + 7u]);
+#endif
+}
+
+fn x_sum(xs: array<vec4<f32>, 8>) -> f32 {
+    return dot(((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7])), vec4<f32>(1.0));
+}
+#endif
 
 // Sum of v over the TPR lanes of this invocation's segment; valid in lane 0.
 fn segment_sum(v: vec4<f32>, lid: u32, sgs: u32) -> vec4<f32> {
@@ -128,33 +147,38 @@ fn main(
     let inv_rms = inverseSqrt(sum_sq / f32(p.k) + bitcast<f32>(EPS_BITS));
     workgroupBarrier();
 #endif
-    var acc = vec4<f32>(0.0);
-#if SWIGLU
-    var accu = vec4<f32>(0.0);
-#endif
 #if XVEC
-    let nb = p.k / 32u;
-    let xb = (p.x_off + v * p.k) / 4u;
-    for (var kb = lane; kb < nb; kb += TPR) {
-        let o = xb + kb * 8u;
-#if NORM
-        let g = kb * 8u;
-        let xs = array<vec4<f32>, 8>(xg[g], xg[g + 1u], xg[g + 2u], xg[g + 3u], xg[g + 4u], xg[g + 5u], xg[g + 6u], xg[g + 7u]);
-#else
-        let xs = array<vec4<f32>, 8>(x[o], x[o + 1u], x[o + 2u], x[o + 3u], x[o + 4u], x[o + 5u], x[o + 6u], x[o + 7u]);
+    // Per row, partial sums that w_fold turns into the dot product.
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+#if SWIGLU
+    var accu = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
 #endif
-        let xsum = dot(((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7])), vec4<f32>(1.0));
+    let xb = (p.x_off + v * p.k) / 4u;
+    let nb = p.k / 32u;
+    let fold = w_fold();
+    for (var kb = lane; kb < nb; kb += TPR) {
+        let xs = x_block(xb, kb);
+        let xsum = x_sum(xs);
         for (var r = 0u; r < R; r++) {
             let row = row0 + r;
             if (row < p.rows) {
-                acc[r] += w_dot32(0u, row, kb, xs, xsum);
+                acc[r] += w_dot32v(0u, row, kb, xs, xsum);
 #if SWIGLU
-                accu[r] += w_dot32(1u, row, kb, xs, xsum);
+                accu[r] += w_dot32v(1u, row, kb, xs, xsum);
 #endif
             }
         }
     }
+    // Each row's partial sums, folded once (folding every block measured no faster).
+    let acc_rows = vec4<f32>(dot(acc[0], fold), dot(acc[1], fold), dot(acc[2], fold), dot(acc[3], fold));
+#if SWIGLU
+    let accu_rows = vec4<f32>(dot(accu[0], fold), dot(accu[1], fold), dot(accu[2], fold), dot(accu[3], fold));
+#endif
 #else
+    var acc_rows = vec4<f32>(0.0);
+#if SWIGLU
+    var accu_rows = vec4<f32>(0.0);
+#endif
     let xb = p.x_off + v * p.k;
     for (var c = lane; c < p.k; c += TPR) {
 #if NORM
@@ -165,9 +189,9 @@ fn main(
         for (var r = 0u; r < R; r++) {
             let row = row0 + r;
             if (row < p.rows) {
-                acc[r] += w_elem(0u, row, c) * xv;
+                acc_rows[r] += w_elem(0u, row, c) * xv;
 #if SWIGLU
-                accu[r] += w_elem(1u, row, c) * xv;
+                accu_rows[r] += w_elem(1u, row, c) * xv;
 #endif
             }
         }
@@ -178,10 +202,10 @@ fn main(
 #else
     let scale = 1.0;
 #endif
-    let tot = segment_sum(acc, lid, sgs) * scale;
+    let tot = segment_sum(acc_rows, lid, sgs) * scale;
 #if SWIGLU
     workgroupBarrier();
-    let totu = segment_sum(accu, lid, sgs) * scale;
+    let totu = segment_sum(accu_rows, lid, sgs) * scale;
 #endif
     if (lane == 0u) {
         for (var r = 0u; r < R; r++) {

@@ -97,22 +97,22 @@ fn w_elem(m: u32, r: u32, c: u32) -> f32 {
 #endif
 }
 
-// Dot product of the 32 elements of row r starting at column 32 * kb with xs (elements 4i..4i+3
-// in xs[i]); xsum = the sum of those x. Requires cols % 32 == 0 (so float rows are 16-byte
-// aligned). Each call is whole 16-byte loads of one block.
-fn w_dot32(m: u32, r: u32, kb: u32, xs: array<vec4<f32>, 8>, xsum: f32) -> f32 {
+// Partial sums of the dot product of the 32 elements of row r starting at column 32 * kb with
+// xs (elements 4i..4i+3 in xs[i]); xsum = the sum of those x. The row's dot product is
+// dot(sum of these over its blocks, w_fold()). Requires cols % 32 == 0 (so float rows are
+// 16-byte aligned). Each call is whole 16-byte loads of one block.
+fn w_dot32v(m: u32, r: u32, kb: u32, xs: array<vec4<f32>, 8>, xsum: f32) -> vec4<f32> {
     let L = w_layout(m);
 #if W_F32
     let base = (r * L.x + kb * 32u) >> 2u;
-    var s = 0.0;
-    s += dot(bitcast<vec4<f32>>(wq(m, base)), xs[0]);
-    s += dot(bitcast<vec4<f32>>(wq(m, base + 1u)), xs[1]);
-    s += dot(bitcast<vec4<f32>>(wq(m, base + 2u)), xs[2]);
-    s += dot(bitcast<vec4<f32>>(wq(m, base + 3u)), xs[3]);
-    s += dot(bitcast<vec4<f32>>(wq(m, base + 4u)), xs[4]);
-    s += dot(bitcast<vec4<f32>>(wq(m, base + 5u)), xs[5]);
-    s += dot(bitcast<vec4<f32>>(wq(m, base + 6u)), xs[6]);
-    s += dot(bitcast<vec4<f32>>(wq(m, base + 7u)), xs[7]);
+    var s = bitcast<vec4<f32>>(wq(m, base)) * xs[0];
+    s += bitcast<vec4<f32>>(wq(m, base + 1u)) * xs[1];
+    s += bitcast<vec4<f32>>(wq(m, base + 2u)) * xs[2];
+    s += bitcast<vec4<f32>>(wq(m, base + 3u)) * xs[3];
+    s += bitcast<vec4<f32>>(wq(m, base + 4u)) * xs[4];
+    s += bitcast<vec4<f32>>(wq(m, base + 5u)) * xs[5];
+    s += bitcast<vec4<f32>>(wq(m, base + 6u)) * xs[6];
+    s += bitcast<vec4<f32>>(wq(m, base + 7u)) * xs[7];
     return s;
 #endif
 #if W_F16
@@ -121,62 +121,83 @@ fn w_dot32(m: u32, r: u32, kb: u32, xs: array<vec4<f32>, 8>, xsum: f32) -> f32 {
     let q1 = wq(m, base + 1u);
     let q2 = wq(m, base + 2u);
     let q3 = wq(m, base + 3u);
-    var s = 0.0;
-    s += dot(vec4<f32>(unpack2x16float(q0.x), unpack2x16float(q0.y)), xs[0]);
-    s += dot(vec4<f32>(unpack2x16float(q0.z), unpack2x16float(q0.w)), xs[1]);
-    s += dot(vec4<f32>(unpack2x16float(q1.x), unpack2x16float(q1.y)), xs[2]);
-    s += dot(vec4<f32>(unpack2x16float(q1.z), unpack2x16float(q1.w)), xs[3]);
-    s += dot(vec4<f32>(unpack2x16float(q2.x), unpack2x16float(q2.y)), xs[4]);
-    s += dot(vec4<f32>(unpack2x16float(q2.z), unpack2x16float(q2.w)), xs[5]);
-    s += dot(vec4<f32>(unpack2x16float(q3.x), unpack2x16float(q3.y)), xs[6]);
-    s += dot(vec4<f32>(unpack2x16float(q3.z), unpack2x16float(q3.w)), xs[7]);
+    var s = vec4<f32>(unpack2x16float(q0.x), unpack2x16float(q0.y)) * xs[0];
+    s += vec4<f32>(unpack2x16float(q0.z), unpack2x16float(q0.w)) * xs[1];
+    s += vec4<f32>(unpack2x16float(q1.x), unpack2x16float(q1.y)) * xs[2];
+    s += vec4<f32>(unpack2x16float(q1.z), unpack2x16float(q1.w)) * xs[3];
+    s += vec4<f32>(unpack2x16float(q2.x), unpack2x16float(q2.y)) * xs[4];
+    s += vec4<f32>(unpack2x16float(q2.z), unpack2x16float(q2.w)) * xs[5];
+    s += vec4<f32>(unpack2x16float(q3.x), unpack2x16float(q3.y)) * xs[6];
+    s += vec4<f32>(unpack2x16float(q3.z), unpack2x16float(q3.w)) * xs[7];
     return s;
 #endif
 #if W_BF16
     let base = (r * L.x + kb * 16u) >> 2u;
-    var s = 0.0;
-    s += bf16_dot8(wq(m, base), xs[0], xs[1]);
-    s += bf16_dot8(wq(m, base + 1u), xs[2], xs[3]);
-    s += bf16_dot8(wq(m, base + 2u), xs[4], xs[5]);
-    s += bf16_dot8(wq(m, base + 3u), xs[6], xs[7]);
-    return s;
+    var s = bf16_dot8(wq(m, base), xs[0], xs[1]) + bf16_dot8(wq(m, base + 1u), xs[2], xs[3]);
+    s += bf16_dot8(wq(m, base + 2u), xs[4], xs[5]) + bf16_dot8(wq(m, base + 3u), xs[6], xs[7]);
+    return vec4<f32>(s, 0.0, 0.0, 0.0);
 #endif
 #if W_Q8_0
     let b = r * L.x + kb;
     let q0 = wq(m, b * 2u);
     let q1 = wq(m, b * 2u + 1u);
-    var s = 0.0;
-    s += dot(i8x4(q0.x), xs[0]);
-    s += dot(i8x4(q0.y), xs[1]);
-    s += dot(i8x4(q0.z), xs[2]);
-    s += dot(i8x4(q0.w), xs[3]);
-    s += dot(i8x4(q1.x), xs[4]);
-    s += dot(i8x4(q1.y), xs[5]);
-    s += dot(i8x4(q1.z), xs[6]);
-    s += dot(i8x4(q1.w), xs[7]);
+    var s = i8x4(q0.x) * xs[0];
+    s += i8x4(q0.y) * xs[1];
+    s += i8x4(q0.z) * xs[2];
+    s += i8x4(q0.w) * xs[3];
+    s += i8x4(q1.x) * xs[4];
+    s += i8x4(q1.y) * xs[5];
+    s += i8x4(q1.z) * xs[6];
+    s += i8x4(q1.w) * xs[7];
     return w_d(m, b) * s;
 #endif
 #if W_Q4_0
     let b = r * L.x + kb;
     let q = wq(m, b);
-    var s = 0.0;
-    s += dot(lo4(q.x, 8.0), xs[0]) + dot(hi4(q.x, 8.0), xs[4]);
-    s += dot(lo4(q.y, 8.0), xs[1]) + dot(hi4(q.y, 8.0), xs[5]);
-    s += dot(lo4(q.z, 8.0), xs[2]) + dot(hi4(q.z, 8.0), xs[6]);
-    s += dot(lo4(q.w, 8.0), xs[3]) + dot(hi4(q.w, 8.0), xs[7]);
+    let off = vec4<f32>(MAGIC) + 8.0 * Q4_SCALES;
+    let s = (q4_word(q.x, xs[0], xs[4], off) + q4_word(q.y, xs[1], xs[5], off))
+        + (q4_word(q.z, xs[2], xs[6], off) + q4_word(q.w, xs[3], xs[7], off));
     return w_d(m, b) * s;
 #endif
 #if W_Q4_1
     let b = r * L.x + kb;
     let q = wq(m, b);
-    var s = 0.0;
-    s += dot(lo4(q.x, 0.0), xs[0]) + dot(hi4(q.x, 0.0), xs[4]);
-    s += dot(lo4(q.y, 0.0), xs[1]) + dot(hi4(q.y, 0.0), xs[5]);
-    s += dot(lo4(q.z, 0.0), xs[2]) + dot(hi4(q.z, 0.0), xs[6]);
-    s += dot(lo4(q.w, 0.0), xs[3]) + dot(hi4(q.w, 0.0), xs[7]);
+    let off = vec4<f32>(MAGIC);
+    let s = (q4_word(q.x, xs[0], xs[4], off) + q4_word(q.y, xs[1], xs[5], off))
+        + (q4_word(q.z, xs[2], xs[6], off) + q4_word(q.w, xs[3], xs[7], off));
     let dm = w_dm(m, b);
-    return dm.x * s + dm.y * xsum;
+    return dm.x * s + vec4<f32>(dm.y * xsum, 0.0, 0.0, 0.0);
 #endif
+}
+
+// The factors that turn w_dot32v's partial sums into the dot product: see q4_word.
+fn w_fold() -> vec4<f32> {
+#if W_Q4_0
+    return 1.0 / Q4_SCALES;
+#else
+#if W_Q4_1
+    return 1.0 / Q4_SCALES;
+#else
+    return vec4<f32>(1.0);
+#endif
+#endif
+}
+
+// The 4-bit formats decode each nibble where it sits in its word: the field 0xF << 4k
+// (k < 4; of the word, then of the word shifted right by 16) OR'ed into the float 2^23 is
+// 2^23 + q * 16^k, and one subtraction of 2^23 + offset * 16^k leaves (q - offset) * 16^k
+// exactly. That is one logic operation and one subtraction per value, where shifting every
+// nibble down first kept the products arithmetic-bound. The 16^k stay in the four components
+// of the partial sums until w_fold divides them out, once per row.
+const Q4_FIELDS = vec4<u32>(0xFu, 0xF0u, 0xF00u, 0xF000u);
+const Q4_SCALES = vec4<f32>(1.0, 16.0, 256.0, 4096.0);
+
+// One 4-bit word against its x: byte i of the word holds element 4j + i (low nibble) and
+// 4j + 16 + i (high nibble), whose x are lo[i] and hi[i].
+fn q4_word(w: u32, lo: vec4<f32>, hi: vec4<f32>, off: vec4<f32>) -> vec4<f32> {
+    let a = bitcast<vec4<f32>>((vec4<u32>(w) & Q4_FIELDS) | vec4<u32>(MAGIC_BITS)) - off;
+    let b = bitcast<vec4<f32>>((vec4<u32>(w >> 16u) & Q4_FIELDS) | vec4<u32>(MAGIC_BITS)) - off;
+    return a * vec4<f32>(lo.x, hi.x, lo.y, hi.y) + b * vec4<f32>(lo.z, hi.z, lo.w, hi.w);
 }
 
 #if W_BF16
