@@ -93,15 +93,22 @@ fn products(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<
                 json!({"op": "matmul", "w": w_name, "dtype": dtype.name(), "rows": rows, "cols": h, "epilogue": name});
             out.case(&case, meta);
         }
-        // Prefill product.
-        let yb = gpu.storage("y", (t * rows) as u64 * 4)?;
-        run(gpu, &MatMul::new(gpu, dtype, Epilogue::Store)?.bind(gpu, &m, &xb, 0, &yb, t)?)?;
-        let case = format!("{}/matmul_store/{}", sh.name, dtype.name());
-        out.f32(format!("{case}/x"), &[t, h], &x);
-        out.f32(format!("{case}/y"), &[t, rows], &gpu.read(&yb, 0, t * rows)?);
-        let meta =
-            json!({"op": "matmul", "w": w_name, "dtype": dtype.name(), "rows": rows, "cols": h, "epilogue": "store"});
-        out.case(&case, meta);
+        // Prefill product: the kernel the decoder uses (on matrix units where the adapter has
+        // them) and the f32 one.
+        let mut prefill = vec![(MatMul::new(gpu, dtype, Epilogue::Store)?, "matmul_store")];
+        if prefill[0].0.uses_matrix_units() {
+            prefill.push((MatMul::without_matrix_units(gpu, dtype, Epilogue::Store)?, "matmul_store_f32"));
+        }
+        for (mm, name) in prefill {
+            let yb = gpu.storage("y", (t * rows) as u64 * 4)?;
+            run(gpu, &mm.bind(gpu, &m, &xb, 0, &yb, t)?)?;
+            let case = format!("{}/{name}/{}", sh.name, dtype.name());
+            out.f32(format!("{case}/x"), &[t, h], &x);
+            out.f32(format!("{case}/y"), &[t, rows], &gpu.read(&yb, 0, t * rows)?);
+            let meta = json!({"op": "matmul", "w": w_name, "dtype": dtype.name(), "rows": rows, "cols": h,
+                "epilogue": "store", "matrix_units": mm.uses_matrix_units()});
+            out.case(&case, meta);
+        }
         // Feed-forward gate/up with SwiGLU, decode and prefill, on the formats models ship in.
         if matches!(dtype, DType::F16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1) {
             let g = quantize(dtype, &rng.vec(f * h, 0.1));
@@ -111,14 +118,17 @@ fn products(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<
             let yb = gpu.storage("y", (t * f) as u64 * 4)?;
             let yv = gpu.storage("y", f as u64 * 4)?;
             run(gpu, &MatVec::new(gpu, dtype, Epilogue::SwiGlu)?.bind_swiglu(gpu, &gm, &um, &xb, 0, &yv, 1)?)?;
-            run(gpu, &MatMul::new(gpu, dtype, Epilogue::SwiGlu)?.bind_swiglu(gpu, &gm, &um, &xb, 0, &yb, t)?)?;
+            let mm = MatMul::new(gpu, dtype, Epilogue::SwiGlu)?;
+            run(gpu, &mm.bind_swiglu(gpu, &gm, &um, &xb, 0, &yb, t)?)?;
             let case = format!("{}/swiglu/{}", sh.name, dtype.name());
             out.raw(format!("{case}/g"), Dtype::U8, &[g.len()], g);
             out.raw(format!("{case}/u"), Dtype::U8, &[u.len()], u);
             out.f32(format!("{case}/x"), &[t, h], &x);
             out.f32(format!("{case}/y_decode"), &[1, f], &gpu.read(&yv, 0, f)?);
             out.f32(format!("{case}/y"), &[t, f], &gpu.read(&yb, 0, t * f)?);
-            out.case(&case, json!({"op": "swiglu", "dtype": dtype.name(), "rows": f, "cols": h}));
+            let meta = json!({"op": "swiglu", "dtype": dtype.name(), "rows": f, "cols": h,
+                "matrix_units": mm.uses_matrix_units()});
+            out.case(&case, meta);
         }
         // Embedding rows of the vocabulary-sized table.
         if matches!(dtype, DType::F16 | DType::Q4_1) || sh.vocab * h <= 64 << 20 {

@@ -217,7 +217,11 @@ impl Plan {
         let decode_splits = Plan::decode_splits(gpu, max_ctx);
         // The logits of a whole chunk must fit one binding (perplexity reads them all).
         let by_logits = (gpu.caps.max_binding / (c.vocab_size as u64 * 4)).max(1) as u32;
-        let chunk = 256.min(by_logits).min(max_ctx).max(1);
+        // Matrix units fill a large GPU only with more token tiles: 512 tokens per step gave
+        // the 8B-shaped products twice the workgroups and prefill +7% on an H100
+        // (benches/RESULTS.md).
+        let want = if gpu.caps.coop_matrix { 512 } else { 256 };
+        let chunk = want.min(by_logits).min(max_ctx).max(1);
         Plan { max_ctx, chunk, decode_splits, prefill_splits: 1 }
     }
 

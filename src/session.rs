@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Seconds of each timed dispatch, by kernel kind, in recording order.
+pub type DispatchTimes = Vec<(&'static str, f64)>;
+
 /// A model on the GPU: weights, pipelines, tokenizer and chat template.
 pub struct Model {
     pub gpu: Arc<Gpu>,
@@ -381,6 +384,44 @@ impl Session {
         gpu.wait()?;
         self.cached.clear();
         Ok(times.map(|t| steps.iter().map(|d| d.kind).zip(t).collect()))
+    }
+
+    /// Times every dispatch of one prefill chunk (the layers; `chunk` tokens from position 0)
+    /// in its own timestamped pass. Overwrites the cache: the session is empty afterwards.
+    /// Returns the chunk's token count and (kind, seconds) per dispatch.
+    pub fn profile_prefill_dispatches(
+        &mut self,
+        timer: &crate::bench::GpuTimer,
+    ) -> Result<Option<(u32, DispatchTimes)>> {
+        let steps = &self.dec.prefill[..self.dec.prefill_layers_len];
+        if steps.len() as u32 > timer.capacity() {
+            return Err(Error::InvalidArgument(format!(
+                "a prefill chunk has {} dispatches; the timer holds {} passes",
+                steps.len(),
+                timer.capacity()
+            )));
+        }
+        let gpu = &self.model.gpu;
+        let n = self.plan.chunk;
+        self.cached.clear();
+        let ids: Vec<u32> = (0..n).map(|i| i % self.model.config.vocab_size as u32).collect();
+        gpu.write(&self.bufs.tokens, 0, &ids);
+        gpu.write(&self.bufs.state, 0, &[0u32, n, 0, 0]);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        for (i, d) in steps.iter().enumerate() {
+            let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: timer.writes(i as u32) };
+            let mut pass = enc.begin_compute_pass(&desc);
+            d.bound.record(&mut pass, (d.groups)(n));
+        }
+        gpu.queue.submit([enc.finish()]);
+        let times = timer.collect(gpu, steps.len() as u32)?;
+        gpu.wait()?;
+        Ok(times.map(|t| (n, steps.iter().map(|d| d.kind).zip(t).collect())))
+    }
+
+    /// Number of dispatches in one prefill chunk (the layers).
+    pub fn prefill_dispatches(&self) -> usize {
+        self.dec.prefill_layers_len
     }
 
     /// Number of dispatches in one decode step.

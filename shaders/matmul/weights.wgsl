@@ -286,3 +286,83 @@ fn w_part_slow(m: u32, r: u32, c0: u32, cols: u32) -> array<vec4<f32>, 2> {
     }
     return array<vec4<f32>, 2>(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
 }
+
+// Whole-block loads and decoding, split so that a kernel can issue the loads of its next
+// tile before it computes on the current one (matmul_coop). Requires cols % 32 == 0.
+// `q` holds the block's words as they lie (16 for f16 / bf16, 8 for Q8_0, 4 for the 4-bit
+// formats; f32 is not supported), `s` its scale word.
+struct WBlock {
+    q: array<vec4<u32>, 4>,
+    s: u32,
+}
+
+fn w_block(m: u32, r: u32, kb: u32) -> WBlock {
+    let L = w_layout(m);
+    var o: WBlock;
+#if W_F16
+    let base = (r * L.x + kb * 16u) >> 2u;
+    o.q = array<vec4<u32>, 4>(wq(m, base), wq(m, base + 1u), wq(m, base + 2u), wq(m, base + 3u));
+#endif
+#if W_BF16
+    let base = (r * L.x + kb * 16u) >> 2u;
+    o.q = array<vec4<u32>, 4>(wq(m, base), wq(m, base + 1u), wq(m, base + 2u), wq(m, base + 3u));
+#endif
+#if W_Q8_0
+    let b = r * L.x + kb;
+    o.q[0] = wq(m, b * 2u);
+    o.q[1] = wq(m, b * 2u + 1u);
+    o.s = ww(m, L.y + (b >> 1u)) >> (16u * (b & 1u));
+#endif
+#if W_Q4_0
+    let b = r * L.x + kb;
+    o.q[0] = wq(m, b);
+    o.s = ww(m, L.y + (b >> 1u)) >> (16u * (b & 1u));
+#endif
+#if W_Q4_1
+    let b = r * L.x + kb;
+    o.q[0] = wq(m, b);
+    o.s = ww(m, L.y + b);
+#endif
+    return o;
+}
+
+// The 32 values of a block, elements 4j..4j+3 in entry j.
+fn w_block_decode(b: WBlock) -> array<vec4<f32>, 8> {
+    var o: array<vec4<f32>, 8>;
+#if W_F16
+    for (var j = 0u; j < 8u; j++) {
+        let w = b.q[j / 2u];
+        let i = (j % 2u) * 2u;
+        o[j] = vec4<f32>(unpack2x16float(w[i]), unpack2x16float(w[i + 1u]));
+    }
+#endif
+#if W_BF16
+    for (var j = 0u; j < 8u; j++) {
+        let w = b.q[j / 2u];
+        let i = (j % 2u) * 2u;
+        let q = vec4<u32>(w[i], w[i], w[i + 1u], w[i + 1u]);
+        o[j] = bitcast<vec4<f32>>(select(q << vec4<u32>(16u), q & vec4<u32>(0xffff0000u), vec4<bool>(false, true, false, true)));
+    }
+#endif
+#if W_Q8_0
+    let d = unpack2x16float(b.s).x;
+    for (var j = 0u; j < 8u; j++) {
+        o[j] = d * i8x4(b.q[j / 4u][j % 4u]);
+    }
+#endif
+#if W_Q4_0
+    let d = unpack2x16float(b.s).x;
+    for (var j = 0u; j < 4u; j++) {
+        o[j] = d * lo4(b.q[0][j], 8.0);
+        o[j + 4u] = d * hi4(b.q[0][j], 8.0);
+    }
+#endif
+#if W_Q4_1
+    let dm = unpack2x16float(b.s);
+    for (var j = 0u; j < 4u; j++) {
+        o[j] = dm.x * lo4(b.q[0][j], 0.0) + dm.y;
+        o[j + 4u] = dm.x * hi4(b.q[0][j], 0.0) + dm.y;
+    }
+#endif
+    return o;
+}

@@ -33,6 +33,12 @@ pub struct DecodeRow {
     /// its own timed pass, largest first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub breakdown: Option<Vec<KernelShare>>,
+    /// With `breakdown`: the same for one prefill chunk of `prefill_chunk` tokens from an
+    /// empty cache (the layers; the last token's LM head and sampling are left out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_breakdown: Option<Vec<KernelShare>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_chunk: Option<u32>,
 }
 
 /// One kernel kind's share of a decode step.
@@ -80,6 +86,13 @@ pub fn run(model: &Arc<Model>, opts: &DecodeBenchOptions, on_row: &mut dyn FnMut
     let mut session = Session::new(model, &SessionOptions { max_ctx: Some(max_ctx) })?;
     let timer = GpuTimer::new(&model.gpu, opts.profile_steps);
     let vocab = model.config.vocab_size as u32;
+    // One untimed generation first: the first submissions of a process pay the driver's
+    // first-use costs (an 8B-shaped prefill of 512 tokens ran at a quarter of its later rate
+    // on an H100), which are not the rate of the kernels.
+    let warm = opts.contexts.iter().min().copied().unwrap_or(1).max(1);
+    let ids: Vec<u32> = (0..warm as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+    session
+        .generate(&ids, &GenerateOptions { max_tokens: 2, stop_at_eos: false, ..Default::default() }, |_, _| true)?;
     for &ctx in &opts.contexts {
         if ctx == 0 {
             return Err(Error::InvalidArgument("context lengths must be positive".into()));
@@ -93,6 +106,8 @@ pub fn run(model: &Arc<Model>, opts: &DecodeBenchOptions, on_row: &mut dyn FnMut
         let ms = st.decode_time.as_secs_f64() * 1e3 / (st.generated_tokens.max(2) - 1) as f64;
         let (host, gpu_times) = session.profile_decode(opts.profile_steps, &timer)?;
         let breakdown = if opts.breakdown { by_kernel(&mut session, &ids, &gen)? } else { None };
+        let (prefill_chunk, prefill_breakdown) =
+            if opts.breakdown { prefill_by_kernel(&mut session)?.unzip() } else { (None, None) };
         let gpu_ms = gpu_times.map(|mut t| {
             t.sort_by(f64::total_cmp);
             t[t.len() / 2] * 1e3
@@ -109,6 +124,8 @@ pub fn run(model: &Arc<Model>, opts: &DecodeBenchOptions, on_row: &mut dyn FnMut
             decode_tokens: opts.decode_tokens,
             weight_bytes: model.weight_bytes(),
             breakdown,
+            prefill_breakdown,
+            prefill_chunk,
         });
     }
     Ok(())
@@ -126,6 +143,23 @@ fn by_kernel(session: &mut Session, ids: &[u32], gen: &GenerateOptions) -> Resul
     }
     let timer = GpuTimer::new(&session.model().gpu, n);
     let Some(times) = session.profile_dispatches(&timer)? else { return Ok(None) };
+    Ok(Some(shares(times)))
+}
+
+/// One prefill chunk timed dispatch by dispatch, summed by kernel kind.
+fn prefill_by_kernel(session: &mut Session) -> Result<Option<(u32, Vec<KernelShare>)>> {
+    session.reset();
+    let n = session.prefill_dispatches() as u32;
+    if n > 2048 {
+        return Err(Error::InvalidArgument(format!("{n} dispatches per chunk are too many to time one by one")));
+    }
+    let timer = GpuTimer::new(&session.model().gpu, n);
+    let Some((chunk, times)) = session.profile_prefill_dispatches(&timer)? else { return Ok(None) };
+    session.reset();
+    Ok(Some((chunk, shares(times))))
+}
+
+fn shares(times: Vec<(&'static str, f64)>) -> Vec<KernelShare> {
     let mut shares: Vec<KernelShare> = vec![];
     for (kind, t) in times {
         match shares.iter_mut().find(|s| s.kernel == kind) {
@@ -137,5 +171,5 @@ fn by_kernel(session: &mut Session, ids: &[u32], gen: &GenerateOptions) -> Resul
         }
     }
     shares.sort_by(|a, b| b.us.total_cmp(&a.us));
-    Ok(Some(shares))
+    shares
 }

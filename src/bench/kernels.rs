@@ -215,7 +215,7 @@ impl Bench<'_> {
         for &dtype in &self.opts.dtypes {
             for (i, &(name, rows, cols, epi, prefill)) in mats.iter().enumerate() {
                 let (mv_name, mm_name) = (format!("matvec_{name}"), format!("matmul_{name}"));
-                let want_mm = prefill && self.wanted(&mm_name);
+                let want_mm = prefill && (self.wanted(&mm_name) || self.wanted(&format!("matmul_coop_{name}")));
                 let want_embed = name == "lm_head" && self.wanted("embedding");
                 if !self.wanted(&mv_name) && !want_mm && !want_embed && !self.wanted("matvec_norm") {
                     continue;
@@ -264,8 +264,16 @@ impl Bench<'_> {
                     let bytes = w_bytes as f64 + act(1) + cols as f64 * 4.0;
                     on_row(&row(&norm_name, size(1), s, bytes, flops));
                 }
-                if want_mm {
-                    let k = MatMul::new(gpu, dtype, epi)?;
+                // The f32 tiled kernel, and the matrix-unit one where the adapter has it.
+                let mut mms = vec![];
+                if prefill && self.wanted(&mm_name) {
+                    mms.push((mm_name.clone(), MatMul::without_matrix_units(gpu, dtype, epi)?));
+                }
+                let coop_name = format!("matmul_coop_{name}");
+                if prefill && self.wanted(&coop_name) && MatMul::matrix_units_suit(gpu, dtype) {
+                    mms.push((coop_name, MatMul::new(gpu, dtype, epi)?));
+                }
+                for (kname, k) in mms {
                     let sets = pairs
                         .iter()
                         .map(|p| match epi {
@@ -276,7 +284,7 @@ impl Bench<'_> {
                     let s = self.time_sets(&sets)?;
                     let bytes = w_bytes as f64 + act(t);
                     let fl = flops * t as f64;
-                    on_row(&row(&mm_name, size(t), s, bytes, fl));
+                    on_row(&row(&kname, size(t), s, bytes, fl));
                 }
                 if want_embed {
                     let k = Embedding::new(gpu, dtype)?;

@@ -140,6 +140,9 @@ enum BenchCmd {
         /// Only kernels whose name contains this (e.g. matvec, attend).
         #[arg(long)]
         filter: Option<String>,
+        /// Tokens of the prefill products and prefill attention.
+        #[arg(long, default_value_t = 256)]
+        prefill_tokens: u32,
         #[arg(long)]
         no_f16: bool,
         #[arg(long)]
@@ -169,6 +172,10 @@ struct ModelArgs {
     /// Don't use subgroup operations even if the adapter has them.
     #[arg(long)]
     no_subgroups: bool,
+    /// Don't use matrix units (cooperative matrices) even if the adapter has them; also
+    /// LONGWAVE_NO_COOP_MATRIX.
+    #[arg(long)]
+    no_coop_matrix: bool,
 }
 
 #[derive(Args, Clone)]
@@ -204,6 +211,7 @@ impl ModelArgs {
             adapter: self.adapter.clone(),
             no_f16: self.no_f16,
             no_subgroups: self.no_subgroups,
+            no_coop_matrix: self.no_coop_matrix,
             ..Default::default()
         }
     }
@@ -353,8 +361,8 @@ fn run(cli: Cli) -> longwave::Result<()> {
             println!("using: {}", gpu.describe());
             let c = &gpu.caps;
             println!(
-                "features: shader-f16 {}, subgroups {} (size {}..{}), timestamps {}",
-                c.f16, c.subgroups, c.subgroup_min, c.subgroup_max, c.timestamps
+                "features: shader-f16 {}, subgroups {} (size {}..{}), timestamps {}, matrix units (cooperative matrix f16 16x16x16) {}",
+                c.f16, c.subgroups, c.subgroup_min, c.subgroup_max, c.timestamps, c.coop_matrix
             );
             println!(
                 "limits: max storage binding {:.0} MiB, max buffer {:.0} MiB, workgroup storage {} KiB, invocations {}, storage buffers per stage {}",
@@ -444,15 +452,25 @@ fn run(cli: Cli) -> longwave::Result<()> {
                         "{:>8} {:>12.1} {:>12.1} {:>10.3} {:>10.3} {:>10}",
                         r.context, r.prefill_tok_s, r.decode_tok_s, r.ms_per_token, r.host_ms_per_token, gpu
                     );
-                    let total: f64 = r.breakdown.iter().flatten().map(|k| k.us).sum();
-                    for k in r.breakdown.iter().flatten() {
-                        println!(
-                            "{:>12} {:>5} x {:>10.1} us {:>5.1}%",
-                            k.kernel,
-                            k.dispatches,
-                            k.us,
-                            100.0 * k.us / total.max(1e-9)
-                        );
+                    let print_shares = |shares: &[longwave::bench::decode::KernelShare]| {
+                        let total: f64 = shares.iter().map(|k| k.us).sum();
+                        for k in shares {
+                            println!(
+                                "{:>12} {:>5} x {:>10.1} us {:>5.1}%",
+                                k.kernel,
+                                k.dispatches,
+                                k.us,
+                                100.0 * k.us / total.max(1e-9)
+                            );
+                        }
+                    };
+                    if let Some(b) = &r.breakdown {
+                        println!("decode step:");
+                        print_shares(b);
+                    }
+                    if let (Some(b), Some(n)) = (&r.prefill_breakdown, r.prefill_chunk) {
+                        println!("prefill chunk of {n} tokens (layers):");
+                        print_shares(b);
                     }
                 }
             })?;
@@ -460,9 +478,12 @@ fn run(cli: Cli) -> longwave::Result<()> {
                 println!("model {} on {}", model.source.display(), model.gpu.describe());
             }
         }
-        Cmd::Bench { what: BenchCmd::Kernels { adapter, shapes, dtypes, filter, no_f16, no_subgroups, json } } => {
+        Cmd::Bench {
+            what: BenchCmd::Kernels { adapter, shapes, dtypes, filter, prefill_tokens, no_f16, no_subgroups, json },
+        } => {
             let gpu = Gpu::new(&GpuOptions { adapter, no_f16, no_subgroups, ..Default::default() })?;
             let mut opts = KernelBenchOptions::for_adapter(&gpu);
+            opts.prefill_tokens = prefill_tokens.max(1);
             if !shapes.is_empty() {
                 opts.shapes = shapes.iter().map(|s| shape_by_name(s)).collect::<longwave::Result<_>>()?;
             }

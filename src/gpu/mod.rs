@@ -29,6 +29,10 @@ pub struct Caps {
     pub max_workgroups_per_dim: u32,
     pub max_storage_buffers_per_stage: u32,
     pub timestamps: bool,
+    /// Cooperative matrices of 16 x 16 x 16 f16 with f32 accumulators (NVIDIA tensor cores
+    /// through VK_KHR_cooperative_matrix), with what the kernel that uses them assumes: f16,
+    /// subgroups of exactly 32 and [`Caps::COOP_WORKGROUP_BYTES`] of workgroup memory.
+    pub coop_matrix: bool,
 }
 
 impl Caps {
@@ -40,8 +44,16 @@ impl Caps {
         f16: bool,
         subgroups: bool,
         timestamps: bool,
+        coop_offered: bool,
         max_binding: u64,
     ) -> Caps {
+        let coop_matrix = coop_offered
+            && f16
+            && subgroups
+            && info.subgroup_min_size == 32
+            && info.subgroup_max_size == 32
+            && limits.max_compute_workgroup_storage_size >= Caps::COOP_WORKGROUP_BYTES
+            && limits.max_compute_invocations_per_workgroup >= 256;
         Caps {
             f16,
             subgroups,
@@ -54,8 +66,24 @@ impl Caps {
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
             timestamps,
+            coop_matrix,
         }
     }
+
+    /// Workgroup memory the cooperative-matrix matmul declares.
+    pub const COOP_WORKGROUP_BYTES: u32 = 35840;
+}
+
+/// Whether the adapter runs 16 x 16 x 16 f16 x f16 + f32 cooperative matrices per subgroup.
+fn coop_f16_offered(adapter: &wgpu::Adapter) -> bool {
+    adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        && adapter.cooperative_matrix_properties().iter().any(|p| {
+            p.m_size == 16
+                && p.n_size == 16
+                && p.k_size == 16
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        })
 }
 
 /// How to pick and configure the adapter.
@@ -68,6 +96,9 @@ pub struct GpuOptions {
     pub no_f16: bool,
     /// Do not use subgroup operations even if offered.
     pub no_subgroups: bool,
+    /// Do not use cooperative matrices (matrix units) even if offered. Falls back to the
+    /// `LONGWAVE_NO_COOP_MATRIX` environment variable (any value).
+    pub no_coop_matrix: bool,
     /// Pretend the binding limit is this small (tests of tensor splitting; large tensors are
     /// split into chunks of at most this many bytes). Falls back to `LONGWAVE_MAX_BINDING`
     /// (bytes, or with a K/M/G suffix).
@@ -170,6 +201,8 @@ impl Gpu {
             features.contains(wgpu::Features::SHADER_F16),
             features.contains(wgpu::Features::SUBGROUP),
             features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            // The properties live on the adapter, which an app's device does not expose.
+            false,
             u64::MAX,
         );
         let device_errors = Arc::new(Mutex::new(Vec::new()));
@@ -202,13 +235,25 @@ impl Gpu {
         if timestamps {
             want |= wgpu::Features::TIMESTAMP_QUERY;
         }
+        let no_coop = opts.no_coop_matrix || std::env::var_os("LONGWAVE_NO_COOP_MATRIX").is_some();
+        let coop = f16 && subgroups && !no_coop && coop_f16_offered(adapter);
+        if coop {
+            want |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         // Ask for everything the adapter has: binding sizes and workgroup storage decide how
         // large a tensor fits in one binding and which tiles fit.
         let desc = wgpu::DeviceDescriptor {
             label: Some("longwave"),
             required_features: want,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            // SAFETY: the only experimental feature requested is cooperative matrices, used by
+            // one kernel (matmul_coop.wgsl) whose results the parity tests check on every
+            // adapter that offers them.
+            experimental_features: if coop {
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         };
@@ -226,7 +271,7 @@ impl Gpu {
             .max_binding
             .or_else(|| std::env::var("LONGWAVE_MAX_BINDING").ok().and_then(|v| parse_bytes(&v)))
             .unwrap_or(u64::MAX);
-        let caps = Caps::new(&info, &limits, f16, subgroups, timestamps, max_binding);
+        let caps = Caps::new(&info, &limits, f16, subgroups, timestamps, coop, max_binding);
         Ok(Arc::new(Gpu {
             device,
             queue,
@@ -252,6 +297,8 @@ impl Gpu {
             return Ok(p.clone());
         }
         let source = shader::compose(key)?;
+        // Driver failures (an internal error) as well as validation errors.
+        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let desc =
             wgpu::ShaderModuleDescriptor { label: Some(key.name), source: wgpu::ShaderSource::Wgsl(source.into()) };
@@ -280,7 +327,8 @@ impl Gpu {
             },
             cache: None,
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        let failed = pollster::block_on(scope.pop());
+        if let Some(e) = failed.or(pollster::block_on(internal.pop())) {
             return Err(Error::Gpu(format!("shader {} ({:?}) failed to build: {e}", key.name, key.flags)));
         }
         let p = Arc::new(pipeline);

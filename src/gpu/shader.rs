@@ -69,6 +69,11 @@ pub fn compose(key: &PipelineKey) -> Result<String> {
     if key.flags.f16 {
         out.push_str("enable f16;\n");
     }
+    // Directives must precede every declaration, so the variant that uses matrix units asks
+    // for its extension through a define.
+    if key.defines.contains(&"COOP") {
+        out.push_str("enable wgpu_cooperative_matrix;\n");
+    }
     for src in &key.sources {
         preprocess(src, &defines, &mut out).map_err(|e| Error::Gpu(format!("shader {}: {e}", key.name)))?;
     }

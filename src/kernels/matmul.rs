@@ -19,6 +19,7 @@ use std::sync::Arc;
 pub(crate) const WEIGHTS_WGSL: &str = include_str!("../../shaders/matmul/weights.wgsl");
 const MATVEC_WGSL: &str = include_str!("../../shaders/matmul/matvec.wgsl");
 const MATMUL_WGSL: &str = include_str!("../../shaders/matmul/matmul.wgsl");
+const MATMUL_COOP_WGSL: &str = include_str!("../../shaders/matmul/matmul_coop.wgsl");
 
 /// The `#if` name that selects a weight format in `weights.wgsl`.
 pub(crate) fn w_define(dtype: DType) -> &'static str {
@@ -512,31 +513,67 @@ impl MatVec {
     }
 }
 
-/// Token rows per matmul tile.
+/// Token rows per matmul tile (both kernels).
 pub const MATMUL_TILE_T: usize = 64;
 
 /// Prefill product `Y[t, :] = W X[t, :]` for `t < T` (X `[T, K]` from `x_offset` elements, Y
-/// `[T, N]`), tiled 64 x 64 (64 x 32 for SwiGLU) through workgroup memory.
+/// `[T, N]`). Two kernels: on adapters with cooperative matrices ([`crate::gpu::Caps`]) and
+/// 16-bit or narrower weights, `matmul_coop.wgsl` runs the products on the matrix units with
+/// both operands rounded to f16 (64 tokens x 128 rows per workgroup, 64 x 64 outputs for
+/// SwiGLU); elsewhere `matmul.wgsl` computes in f32 (64 x 64, 64 x 32 for SwiGLU).
 pub struct MatMul {
     dtype: DType,
     epilogue: Epilogue,
     pipeline: Arc<wgpu::ComputePipeline>,
+    coop: bool,
 }
 
 impl MatMul {
     pub fn new(gpu: &Gpu, dtype: DType, epilogue: Epilogue) -> Result<MatMul> {
-        let mut key = PipelineKey::new("matmul", &[WEIGHTS_WGSL, MATMUL_WGSL], gpu.flags()).define(w_define(dtype));
+        Self::build(gpu, dtype, epilogue, Self::matrix_units_suit(gpu, dtype))
+    }
+
+    /// The f32 kernel whatever the adapter offers (tests; benchmarks against the matrix units).
+    pub fn without_matrix_units(gpu: &Gpu, dtype: DType, epilogue: Epilogue) -> Result<MatMul> {
+        Self::build(gpu, dtype, epilogue, false)
+    }
+
+    /// Whether [`MatMul::new`] picks the cooperative-matrix kernel for this format: f32
+    /// weights keep the exact kernel (whoever stores f32 asks for it, and f16 would round
+    /// them); bf16 converts to f16 exactly within f16's range.
+    pub fn matrix_units_suit(gpu: &Gpu, dtype: DType) -> bool {
+        gpu.caps.coop_matrix && dtype != DType::F32
+    }
+
+    fn build(gpu: &Gpu, dtype: DType, epilogue: Epilogue, coop: bool) -> Result<MatMul> {
+        let pipeline = gpu.pipeline(&Self::key(gpu, dtype, epilogue, coop))?;
+        Ok(MatMul { dtype, epilogue, pipeline, coop })
+    }
+
+    fn key(gpu: &Gpu, dtype: DType, epilogue: Epilogue, coop: bool) -> PipelineKey {
+        let mut key = if coop {
+            PipelineKey::new("matmul_coop", &[WEIGHTS_WGSL, MATMUL_COOP_WGSL], gpu.flags()).define("COOP")
+        } else {
+            PipelineKey::new("matmul", &[WEIGHTS_WGSL, MATMUL_WGSL], gpu.flags())
+        };
+        key = key.define(w_define(dtype));
         if let Some(d) = epilogue.define() {
             key = key.define(d);
         }
-        Ok(MatMul { dtype, epilogue, pipeline: gpu.pipeline(&key)? })
+        key
     }
 
-    fn tile_n(&self) -> usize {
-        if self.epilogue == Epilogue::SwiGlu {
-            32
-        } else {
-            64
+    /// Whether this product runs on the matrix units (where the shapes allow: rows of whole
+    /// 32-element blocks, x rows 16-byte aligned; other shapes take the f32 kernel).
+    pub fn uses_matrix_units(&self) -> bool {
+        self.coop
+    }
+
+    fn tile_n(coop: bool, epilogue: Epilogue) -> usize {
+        match (coop, epilogue == Epilogue::SwiGlu) {
+            (true, false) => 128,
+            (true, true) | (false, false) => 64,
+            (false, true) => 32,
         }
     }
 
@@ -595,8 +632,14 @@ impl MatMul {
         t: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_operands("matmul", self.dtype, mats, x, x_offset, y, y_out, t)?;
-        let tile_n = self.tile_n();
-        Ok(bind_chunks(gpu, "matmul", &self.pipeline, mats, x, x_offset, None, y, y_out, t, |rows| {
+        let coop = self.coop && mats[0].cols.is_multiple_of(32) && x_offset.is_multiple_of(4);
+        let pipeline = if coop == self.coop {
+            self.pipeline.clone()
+        } else {
+            gpu.pipeline(&Self::key(gpu, self.dtype, self.epilogue, coop))?
+        };
+        let tile_n = Self::tile_n(coop, self.epilogue);
+        Ok(bind_chunks(gpu, "matmul", &pipeline, mats, x, x_offset, None, y, y_out, t, |rows| {
             [t.div_ceil(MATMUL_TILE_T) as u32, rows.div_ceil(tile_n) as u32, 1]
         }))
     }
@@ -662,10 +705,29 @@ pub(crate) mod tests {
     }
 
     fn check(what: &str, got: &[f32], want: &[f64], scale: &[f64]) {
+        check_rel(what, got, want, scale, F32_REL)
+    }
+
+    /// Error bound relative to `sum |w x|` of products computed in f32.
+    const F32_REL: f64 = 2e-6;
+    /// The same with both operands rounded to f16 first: each rounding is off by at most
+    /// 2^-11 (2^-10 if a driver truncates), so each product by at most ~2^-9.
+    const F16_REL: f64 = 2.5e-3;
+
+    /// The error bound of a matmul kernel's products.
+    fn mm_rel(m: &MatMul) -> f64 {
+        if m.uses_matrix_units() {
+            F16_REL
+        } else {
+            F32_REL
+        }
+    }
+
+    fn check_rel(what: &str, got: &[f32], want: &[f64], scale: &[f64], rel: f64) {
         assert_eq!(got.len(), want.len(), "{what}: length");
         for i in 0..got.len() {
             let err = (got[i] as f64 - want[i]).abs();
-            let tol = 2e-6 * scale[i] + 1e-6 * want[i].abs() + 1e-30;
+            let tol = rel * scale[i] + rel / 2.0 * want[i].abs() + 1e-30;
             assert!(
                 err <= tol,
                 "{what}: element {i} of {}: got {} want {} (err {err:e}, tol {tol:e})",
@@ -705,18 +767,21 @@ pub(crate) mod tests {
             gm.chunks.len(),
             gpu.flags()
         );
+        let mmk = mm.then(|| MatMul::new(gpu, dtype, epi).unwrap());
+        let rel = mmk.as_ref().map_or(F32_REL, mm_rel);
+        let what = format!("{what} coop={}", mmk.as_ref().is_some_and(|m| m.uses_matrix_units()));
         let bound = if epi == Epilogue::SwiGlu {
             let um = GpuMatrix::upload(gpu, "u", dtype, n, k, &uq).unwrap();
-            let b = if mm {
-                MatMul::new(gpu, dtype, epi).unwrap().bind_swiglu(gpu, &gm, &um, &xb, x_off, &yb, t)
-            } else {
-                matvec_for_test(gpu, dtype, epi, seed).bind_swiglu(gpu, &gm, &um, &xb, x_off, &yb, t)
+            let b = match &mmk {
+                Some(m) => m.bind_swiglu(gpu, &gm, &um, &xb, x_off, &yb, t),
+                None => matvec_for_test(gpu, dtype, epi, seed).bind_swiglu(gpu, &gm, &um, &xb, x_off, &yb, t),
             };
             b.unwrap()
-        } else if mm {
-            MatMul::new(gpu, dtype, epi).unwrap().bind(gpu, &gm, &xb, x_off, &yb, t).unwrap()
         } else {
-            matvec_for_test(gpu, dtype, epi, seed).bind(gpu, &gm, &xb, x_off, &yb, t).unwrap()
+            match &mmk {
+                Some(m) => m.bind(gpu, &gm, &xb, x_off, &yb, t).unwrap(),
+                None => matvec_for_test(gpu, dtype, epi, seed).bind(gpu, &gm, &xb, x_off, &yb, t).unwrap(),
+            }
         };
         run_pass(gpu, |p| {
             for (b, g) in &bound {
@@ -727,10 +792,10 @@ pub(crate) mod tests {
         let got: Vec<f32> = gpu.read(&yb, 0, t * n).unwrap();
         let sg = abs_scale(&gd, x, n, k);
         match epi {
-            Epilogue::Store => check(&what, &got, &reference(&gd, x, n, k), &sg),
+            Epilogue::Store => check_rel(&what, &got, &reference(&gd, x, n, k), &sg, rel),
             Epilogue::Add => {
                 let s: Vec<f64> = sg.iter().zip(&y0).map(|(s, y)| s + y.abs() as f64).collect();
-                check(&what, &got, &reference_add(&y0, &gd, x, n, k), &s)
+                check_rel(&what, &got, &reference_add(&y0, &gd, x, n, k), &s, rel)
             }
             Epilogue::SwiGlu => {
                 let g = reference(&gd, x, n, k);
@@ -739,7 +804,7 @@ pub(crate) mod tests {
                 // d(silu(g) u) <= 1.1 |u| dg + |g| du.
                 let s: Vec<f64> =
                     (0..g.len()).map(|i| 1.1 * sg[i] * (u[i].abs() + su[i]) + (g[i].abs() + sg[i]) * su[i]).collect();
-                check(&what, &got, &reference_swiglu(&gd, &ud, x, n, k), &s)
+                check_rel(&what, &got, &reference_swiglu(&gd, &ud, x, n, k), &s, rel)
             }
         }
     }
@@ -905,6 +970,55 @@ pub(crate) mod tests {
         eprintln!("llama8b_sizes: {:?}", start.elapsed());
     }
 
+    /// Prefill products at a real chunk: SmolLM2 MLP shapes, 200 tokens (three whole token
+    /// tiles and a partial one), on the first variant (the matrix units where the adapter has
+    /// them, so that the device runs of this suite check them at size).
+    #[test]
+    fn matmul_chunk_sizes() {
+        let gpu = &variants()[0];
+        for (i, dtype) in [DType::Q4_0, DType::F16].into_iter().enumerate() {
+            run_case(gpu, true, dtype, Epilogue::SwiGlu, 1536, 576, 200, 0, 70 + i as u64);
+            run_case(gpu, true, dtype, Epilogue::Add, 576, 1536, 200, 0, 80 + i as u64);
+        }
+    }
+
+    /// Where the matrix-unit kernel goes wrong, if it does: max error / tolerance per
+    /// (16-token, 16-row) fragment. `cargo test --release --lib coop_diagnose -- --ignored`.
+    #[test]
+    #[ignore]
+    fn coop_diagnose() {
+        let gpu = crate::gpu::Gpu::new(&Default::default()).unwrap();
+        for (n, k, t) in [(128, 64, 128), (128, 128, 128), (256, 576, 256)] {
+            let mut rng = Rng::new(5);
+            let (q, d) = weights(DType::Q4_0, n, k, &mut rng);
+            let x = rng.vec(t * k, 1.0);
+            let w = GpuMatrix::upload(&gpu, "w", DType::Q4_0, n, k, &q).unwrap();
+            let xb = gpu.upload("x", &x).unwrap();
+            let yb = gpu.storage("y", (t * n * 4) as u64).unwrap();
+            let m = MatMul::new(&gpu, DType::Q4_0, Epilogue::Store).unwrap();
+            let b = m.bind(&gpu, &w, &xb, 0, &yb, t).unwrap();
+            run_pass(&gpu, |p| b.iter().for_each(|(b, g)| b.record(p, *g))).unwrap();
+            let got: Vec<f32> = gpu.read(&yb, 0, t * n).unwrap();
+            let want = reference(&d, &x, n, k);
+            let sc = abs_scale(&d, &x, n, k);
+            eprintln!("N={n} K={k} T={t} coop={} groups {:?}", m.uses_matrix_units(), b[0].1);
+            for tf in 0..t / 16 {
+                let mut line = format!("tokens {:3}: ", tf * 16);
+                for nf in 0..n / 16 {
+                    let mut worst = 0f64;
+                    for tt in tf * 16..tf * 16 + 16 {
+                        for nn in nf * 16..nf * 16 + 16 {
+                            let i = tt * n + nn;
+                            worst = worst.max((got[i] as f64 - want[i]).abs() / (F16_REL * sc[i]));
+                        }
+                    }
+                    line += &format!("{:6.2}", worst);
+                }
+                eprintln!("{line}");
+            }
+        }
+    }
+
     /// A matrix split over several bindings gives the same products.
     #[test]
     fn split_matrix() {
@@ -938,8 +1052,10 @@ pub(crate) mod tests {
         let scale = abs_scale(&wd, &x[..t * k], n, k);
         for mm in [false, true] {
             let yb = gpu.upload("y", &vec![-7.0f32; tmax * n]).unwrap();
+            let mut rel = F32_REL;
             let mut bound = if mm {
                 let m = MatMul::new(gpu, DType::Q8_0, Epilogue::Store).unwrap();
+                rel = mm_rel(&m);
                 let mut b = m.bind(gpu, &w, &xb, 0, &yb, tmax).unwrap();
                 m.set_rows(&gpu.queue, &mut b, t as u32);
                 b
@@ -951,7 +1067,7 @@ pub(crate) mod tests {
             };
             run_pass(gpu, |p| bound.iter_mut().for_each(|(b, g)| b.record(p, *g))).unwrap();
             let got: Vec<f32> = gpu.read(&yb, 0, tmax * n).unwrap();
-            check(&format!("set_rows mm={mm}"), &got[..t * n], &want, &scale);
+            check_rel(&format!("set_rows mm={mm}"), &got[..t * n], &want, &scale, rel);
             assert!(got[t * n..].iter().all(|&v| v == -7.0), "rows past t were written");
         }
     }
@@ -973,12 +1089,15 @@ pub(crate) mod tests {
                 let mut scale = vec![0.0f64; t * stride];
                 let mut offset = 0;
                 let mut bound = vec![];
+                let mut rel = F32_REL;
                 for &(dt, rows) in &parts {
                     let (wq, wd) = weights(dt, rows, k, &mut rng);
                     let w = GpuMatrix::upload(gpu, "w", dt, rows, k, &wq).unwrap();
                     let out = OutRows { stride, offset };
                     bound.extend(if mm {
-                        MatMul::new(gpu, dt, Epilogue::Store).unwrap().bind_into(gpu, &w, &xb, &yb, out, t).unwrap()
+                        let m = MatMul::new(gpu, dt, Epilogue::Store).unwrap();
+                        rel = rel.max(mm_rel(&m));
+                        m.bind_into(gpu, &w, &xb, &yb, out, t).unwrap()
                     } else {
                         MatVec::new(gpu, dt, Epilogue::Store).unwrap().bind_into(gpu, &w, &xb, &yb, out, t).unwrap()
                     });
@@ -994,7 +1113,7 @@ pub(crate) mod tests {
                 }
                 run_pass(gpu, |p| bound.iter().for_each(|(b, g)| b.record(p, *g))).unwrap();
                 let got: Vec<f32> = gpu.read(&yb, 0, t * stride).unwrap();
-                check(&format!("bind_into mm={mm} {:?}", gpu.flags()), &got, &want, &scale);
+                check_rel(&format!("bind_into mm={mm} {:?}", gpu.flags()), &got, &want, &scale, rel);
             }
             // An output range past the row stride is refused.
             let (wq, _) = weights(DType::F32, 8, k, &mut rng);

@@ -4,8 +4,8 @@
 use crate::gpu::{Gpu, GpuOptions};
 use std::sync::{Arc, OnceLock};
 
-/// One device per (f16, subgroups) combination the adapter offers, so every test exercises
-/// both the fast paths and their fallbacks.
+/// One device per (f16, subgroups) combination the adapter offers, and one without matrix
+/// units where it has them, so every test exercises both the fast paths and their fallbacks.
 pub fn variants() -> &'static [Arc<Gpu>] {
     static V: OnceLock<Vec<Arc<Gpu>>> = OnceLock::new();
     V.get_or_init(|| {
@@ -20,11 +20,16 @@ pub fn variants() -> &'static [Arc<Gpu>] {
                 out.push(Gpu::new(&opts).expect("device"));
             }
         }
+        // With matrix units the first device uses them; this one runs the same with the f32
+        // fallbacks.
+        if full.caps.coop_matrix {
+            out.push(Gpu::new(&GpuOptions { no_coop_matrix: true, ..Default::default() }).expect("device"));
+        }
         // Tests that need all variants exercised would silently shrink otherwise.
         eprintln!(
-            "kernel variants on {}: {:?}",
+            "kernel variants on {}: (f16, subgroups, matrix units) {:?}",
             full.describe(),
-            out.iter().map(|g| (g.caps.f16, g.caps.subgroups)).collect::<Vec<_>>()
+            out.iter().map(|g| (g.caps.f16, g.caps.subgroups, g.caps.coop_matrix)).collect::<Vec<_>>()
         );
         out
     })

@@ -103,14 +103,15 @@ def kernels(f, tol):
             y = t(f"{case}/x") @ w.T
             if m["epilogue"] == "add":
                 y = y + t(f"{case}/y0")
-            report("kernel", case, rel(t(f"{case}/y"), y), tol["matmul"])
+            report("kernel", case, rel(t(f"{case}/y"), y), tol["matmul_f16" if m.get("matrix_units") else "matmul"])
         elif op == "swiglu":
             g = dequant(f.get_tensor(f"{case}/g"), m["dtype"], m["rows"], m["cols"])
             u = dequant(f.get_tensor(f"{case}/u"), m["dtype"], m["rows"], m["cols"])
             x = t(f"{case}/x")
             y = torch.nn.functional.silu(x @ g.T) * (x @ u.T)
             report("kernel", case + " decode", rel(t(f"{case}/y_decode"), y[:1]), tol["matmul"])
-            report("kernel", case + " prefill", rel(t(f"{case}/y"), y), tol["matmul"])
+            report("kernel", case + " prefill", rel(t(f"{case}/y"), y),
+                   tol["matmul_f16" if m.get("matrix_units") else "matmul"])
         elif op == "embedding":
             e = dequant(f.get_tensor(f"{case}/e"), m["dtype"], m["rows"], m["cols"])
             ids = f.get_tensor(f"{case}/ids").to(torch.int64).to(DEV)
@@ -239,6 +240,12 @@ def write_tokenizer(path, vocab_size, bos, eos):
         json.dump(tj, fh)
 
 
+def matrix_units(args):
+    """Whether longwave runs its prefill products on matrix units on this GPU."""
+    out = subprocess.run([args.longwave, "info", "--adapters-only"], capture_output=True, text=True).stdout
+    return any("matrix units" in line and line.rstrip().endswith("true") for line in out.splitlines())
+
+
 def llama8b(args, tol):
     from transformers import LlamaConfig, LlamaForCausalLM
     d = os.path.join(args.work, "llama3-8b-random")
@@ -263,9 +270,14 @@ def llama8b(args, tol):
     lw = longwave_logits(args, d, ids, at, os.path.join(args.work, "llama3-8b.safetensors"))
     # Logits of random weights are small; compare relative to their scale.
     got, nll = lw
+    # Prefill on matrix units rounds every product's activations to f16 as well: this model's
+    # logits (random weights, perplexity ~3e5) sit at ~1e-2 relative already without that.
+    units = matrix_units(args)
+    tol_rel = tol["logit_rel_f16"] if units else tol["logit_rel"]
     for n, l in got.items():
-        report("8b", f"llama3-8b f16 logits @{n} (relative)", rel(l, ref[n - 1]), tol["logit_rel"],
-               "argmax same" if int(l.argmax()) == int(ref[n - 1].argmax()) else "argmax differs")
+        report("8b", f"llama3-8b f16 logits @{n} (relative)", rel(l, ref[n - 1]), tol_rel,
+               ("argmax same" if int(l.argmax()) == int(ref[n - 1].argmax()) else "argmax differs")
+               + (", prefill on matrix units" if units else ""))
     ppl, ref_ppl = nll.double().mean().exp().item(), ref_nll.double().mean().exp().item()
     report("8b", "llama3-8b f16 perplexity (relative)", abs(ppl - ref_ppl) / ref_ppl, tol["ppl"],
            f"{ppl:.2f} vs {ref_ppl:.2f}")
@@ -290,9 +302,11 @@ def main():
         args.longwave = os.path.join(os.path.dirname(os.path.abspath(args.bin)), "longwave")
     os.makedirs(args.work, exist_ok=True)
     # Tolerances: products and attention accumulate in f32 on both sides (different orders);
-    # model logits differ by the f16 rounding of the converted weights and the f16 KV cache.
-    tol = {"matmul": 1e-4, "exact": 1e-6, "norm": 1e-5, "rope": 1e-3, "attention": 1e-3,
-           "logit": 0.05, "logit_rel": 1e-2, "ppl": 5e-3}
+    # products on matrix units round both operands to f16 first (each product off by up to
+    # ~2^-10); model logits differ by the f16 rounding of the converted weights and the f16
+    # KV cache.
+    tol = {"matmul": 1e-4, "matmul_f16": 2e-3, "exact": 1e-6, "norm": 1e-5, "rope": 1e-3, "attention": 1e-3,
+           "logit": 0.05, "logit_rel": 1e-2, "logit_rel_f16": 2e-2, "ppl": 5e-3}
     parts = args.parts.split(",")
     print(f"{'part':<8} {'case':<44} {'error':>10} {'tol':>9} ok", flush=True)
     if "kernels" in parts:
