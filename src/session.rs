@@ -372,18 +372,9 @@ impl Session {
                 timer.capacity()
             )));
         }
-        let gpu = &self.model.gpu;
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
-        for (i, d) in steps.iter().enumerate() {
-            let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: timer.writes(i as u32) };
-            let mut pass = enc.begin_compute_pass(&desc);
-            d.bound.record(&mut pass, (d.groups)(1));
-        }
-        gpu.queue.submit([enc.finish()]);
-        let times = timer.collect(gpu, steps.len() as u32)?;
-        gpu.wait()?;
+        let times = time_each(&self.model.gpu, steps, 1, timer)?;
         self.cached.clear();
-        Ok(times.map(|t| steps.iter().map(|d| d.kind).zip(t).collect()))
+        Ok(times)
     }
 
     /// Times every dispatch of one prefill chunk (the layers; `chunk` tokens from position 0)
@@ -407,16 +398,7 @@ impl Session {
         let ids: Vec<u32> = (0..n).map(|i| i % self.model.config.vocab_size as u32).collect();
         gpu.write(&self.bufs.tokens, 0, &ids);
         gpu.write(&self.bufs.state, 0, &[0u32, n, 0, 0]);
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
-        for (i, d) in steps.iter().enumerate() {
-            let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: timer.writes(i as u32) };
-            let mut pass = enc.begin_compute_pass(&desc);
-            d.bound.record(&mut pass, (d.groups)(n));
-        }
-        gpu.queue.submit([enc.finish()]);
-        let times = timer.collect(gpu, steps.len() as u32)?;
-        gpu.wait()?;
-        Ok(times.map(|t| (n, steps.iter().map(|d| d.kind).zip(t).collect())))
+        Ok(time_each(gpu, steps, n, timer)?.map(|t| (n, t)))
     }
 
     /// Number of dispatches in one prefill chunk (the layers).
@@ -591,4 +573,24 @@ impl Session {
 /// Messages of a one-turn chat.
 pub fn user_message(text: &str) -> Vec<ChatMessage> {
     vec![ChatMessage::new("user", text)]
+}
+
+/// Records each of `steps` for `n` tokens in its own timestamped pass, runs them and returns
+/// (kind, seconds) per dispatch (None without timestamps).
+fn time_each(
+    gpu: &Gpu,
+    steps: &[crate::decoder::Dispatch],
+    n: u32,
+    timer: &crate::bench::GpuTimer,
+) -> Result<Option<DispatchTimes>> {
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    for (i, d) in steps.iter().enumerate() {
+        let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: timer.writes(i as u32) };
+        let mut pass = enc.begin_compute_pass(&desc);
+        d.bound.record(&mut pass, (d.groups)(n));
+    }
+    gpu.queue.submit([enc.finish()]);
+    let times = timer.collect(gpu, steps.len() as u32)?;
+    gpu.wait()?;
+    Ok(times.map(|t| steps.iter().map(|d| d.kind).zip(t).collect()))
 }

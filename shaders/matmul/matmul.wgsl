@@ -6,28 +6,7 @@
 // (one quant block): each invocation loads 8 x values and decodes a quarter block of one weight
 // row into workgroup memory (2 x 8 KiB, k-major so the inner loop reads vec4s).
 
-struct Params {
-    t: u32,
-    k: u32,
-    rows: u32,
-    n_total: u32,
-    row_start: u32,
-    x_off: u32,
-    w_stride: u32,
-    w_scale: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<storage, read> W: array<vec4<u32>>;
-#if SWIGLU
-@group(0) @binding(4) var<storage, read> U: array<vec4<u32>>;
-#endif
-
-fn w_layout(m: u32) -> vec2<u32> {
-    return vec2<u32>(p.w_stride, p.w_scale);
-}
+// Bindings and parameters: products.wgsl.
 
 #if SWIGLU
 const BN: u32 = 32u;

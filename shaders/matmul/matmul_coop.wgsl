@@ -15,28 +15,7 @@
 // dequantisation), which makes this kernel less exact than matmul.wgsl: relative error ~1e-3
 // of sum |w x|.
 
-struct Params {
-    t: u32,
-    k: u32,
-    rows: u32,
-    n_total: u32,
-    row_start: u32,
-    x_off: u32,
-    w_stride: u32,
-    w_scale: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<storage, read> W: array<vec4<u32>>;
-#if SWIGLU
-@group(0) @binding(4) var<storage, read> U: array<vec4<u32>>;
-#endif
-
-fn w_layout(m: u32) -> vec2<u32> {
-    return vec2<u32>(p.w_stride, p.w_scale);
-}
+// Bindings and parameters: products.wgsl (with XVEC).
 
 // Tokens per tile.
 const BT: u32 = 64u;

@@ -18,29 +18,8 @@
 // itself; on the fast path it also keeps x * gn in workgroup memory (k <= 2048), so the main
 // loop reads x from there, and scales the finished dot products by 1 / rms (the product is
 // linear in x).
+// Bindings and parameters: products.wgsl; the norm weight follows them.
 
-struct Params {
-    n: u32,
-    k: u32,
-    rows: u32,
-    n_total: u32,
-    row_start: u32,
-    x_off: u32,
-    w_stride: u32,
-    w_scale: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-#if XVEC
-@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-#else
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-#endif
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<storage, read> W: array<vec4<u32>>;
-#if SWIGLU
-@group(0) @binding(4) var<storage, read> U: array<vec4<u32>>;
-#endif
 #if NORM
 #if XVEC
 alias NormWord = vec4<f32>;
@@ -56,10 +35,6 @@ alias NormWord = f32;
 // The norm's epsilon as f32 bits (pipeline constants are numbers; this keeps it exact).
 override EPS_BITS: u32 = 0u;
 #endif
-
-fn w_layout(m: u32) -> vec2<u32> {
-    return vec2<u32>(p.w_stride, p.w_scale);
-}
 
 const WG: u32 = 64u;
 // Rows per segment, a pipeline constant: 4, or 2 or 1 where a matrix is too small to give a

@@ -3,7 +3,7 @@
 // `quant::pack_for_gpu` lays them out and are decoded here, exactly (every format's values are
 // exact in f32, so no F16 arithmetic is used).
 //
-// The including kernel declares
+// The including kernel declares (the products through products.wgsl)
 //   var<storage, read> W: array<vec4<u32>>;      (the buffer is padded to 16 bytes)
 //   var<storage, read> U: array<vec4<u32>>;      (only with SWIGLU: the second matrix)
 //   fn w_layout(m: u32) -> vec2<u32>             ((row_stride, scale_offset) of the layout)

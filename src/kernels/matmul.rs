@@ -17,6 +17,7 @@ use crate::{Error, Result};
 use std::sync::Arc;
 
 pub(crate) const WEIGHTS_WGSL: &str = include_str!("../../shaders/matmul/weights.wgsl");
+const PRODUCTS_WGSL: &str = include_str!("../../shaders/matmul/products.wgsl");
 const MATVEC_WGSL: &str = include_str!("../../shaders/matmul/matvec.wgsl");
 const MATMUL_WGSL: &str = include_str!("../../shaders/matmul/matmul.wgsl");
 const MATMUL_COOP_WGSL: &str = include_str!("../../shaders/matmul/matmul_coop.wgsl");
@@ -142,8 +143,8 @@ impl Epilogue {
     }
 }
 
-/// Parameter uniform of matvec and matmul. `t` (vector / token count) comes first: `set_rows`
-/// rewrites just that word.
+/// Parameter uniform of matvec and matmul (`Params` in products.wgsl). `t` (vector / token
+/// count) comes first: `set_rows` rewrites just that word.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Params {
@@ -363,8 +364,8 @@ impl MatVec {
     }
 
     fn key(&self, gpu: &Gpu, fast: bool, tpr: u32) -> PipelineKey {
-        let mut key =
-            PipelineKey::new("matvec", &[WEIGHTS_WGSL, MATVEC_WGSL], gpu.flags()).define(w_define(self.dtype));
+        let mut key = PipelineKey::new("matvec", &[PRODUCTS_WGSL, WEIGHTS_WGSL, MATVEC_WGSL], gpu.flags())
+            .define(w_define(self.dtype));
         if let Some(d) = self.epilogue.define() {
             key = key.define(d);
         }
@@ -552,9 +553,11 @@ impl MatMul {
 
     fn key(gpu: &Gpu, dtype: DType, epilogue: Epilogue, coop: bool) -> PipelineKey {
         let mut key = if coop {
-            PipelineKey::new("matmul_coop", &[WEIGHTS_WGSL, MATMUL_COOP_WGSL], gpu.flags()).define("COOP")
+            PipelineKey::new("matmul_coop", &[PRODUCTS_WGSL, WEIGHTS_WGSL, MATMUL_COOP_WGSL], gpu.flags())
+                .define("COOP")
+                .define("XVEC")
         } else {
-            PipelineKey::new("matmul", &[WEIGHTS_WGSL, MATMUL_WGSL], gpu.flags())
+            PipelineKey::new("matmul", &[PRODUCTS_WGSL, WEIGHTS_WGSL, MATMUL_WGSL], gpu.flags())
         };
         key = key.define(w_define(dtype));
         if let Some(d) = epilogue.define() {
