@@ -11,7 +11,7 @@ use half::f16;
 use longwave::bench::kernels::{shape_by_name, BenchShape};
 use longwave::decoder::Plan;
 use longwave::gpu::{Gpu, GpuBuffer};
-use longwave::kernels::attention::{rope_table, AttentionKernels, AttnShape};
+use longwave::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use longwave::kernels::embedding::Embedding;
 use longwave::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec};
 use longwave::kernels::rms_norm::RmsNorm;
@@ -192,7 +192,10 @@ fn attention(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result
     let theta = if sh.name.starts_with("llama3") { 500000f32 } else { 100000.0 };
     let inv_freq: Vec<f32> = (0..hd / 2).map(|i| theta.powf(-2.0 * i as f32 / hd as f32)).collect();
     let rope = gpu.upload("rope", &rope_table(&inv_freq, max_ctx))?;
-    for (mode, n) in [("decode", 1usize), ("prefill", 64)] {
+    // Both attention kernels (per query head; per head group, "_group") in both modes.
+    let modes = [("decode", 1usize), ("prefill", 64)];
+    let kinds = [(AttendKind::PerHead, ""), (AttendKind::Grouped, "_group")];
+    for ((mode, n), (kind, suffix)) in modes.into_iter().flat_map(|m| kinds.map(|k| (m, k))) {
         let pos = max_ctx - n - 3;
         let splits = if n == 1 { Plan::decode_splits(gpu, max_ctx as u32) } else { 1 };
         let cache: Vec<f16> = rng.vec(2 * nkv * max_ctx * hd, 1.0).into_iter().map(f16::from_f32).collect();
@@ -207,13 +210,13 @@ fn attention(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result
         let list = [
             (k.bind_rope_kv(gpu, a, &state, &rope, &qkvb, &q, &kb, &vb), AttentionKernels::rope_groups(a, n as u32)),
             (
-                k.bind_attend(gpu, a, splits, &state, &q, &kb, &vb, &part),
-                AttentionKernels::attend_groups(a, splits, n as u32),
+                k.bind_attend(gpu, a, splits, &state, &q, &kb, &vb, &part, kind),
+                AttentionKernels::attend_groups(a, splits, n as u32, kind),
             ),
             (k.bind_merge(gpu, a, splits, &state, &part, &o), AttentionKernels::merge_groups(a, n as u32)),
         ];
         run(gpu, &list)?;
-        let case = format!("{}/attention_{mode}", sh.name);
+        let case = format!("{}/attention_{mode}{suffix}", sh.name);
         let f16s = |v: &[f16]| bytemuck::cast_slice::<f16, u8>(v).to_vec();
         out.raw(format!("{case}/k_cache_before"), Dtype::F16, &[nkv, max_ctx, hd], f16s(kc));
         out.raw(format!("{case}/v_cache_before"), Dtype::F16, &[nkv, max_ctx, hd], f16s(vc));

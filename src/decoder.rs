@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuBuffer};
-use crate::kernels::attention::{rope_table, AttentionKernels, AttnShape};
+use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use crate::kernels::embedding::Embedding;
 use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, OutRows, MATMUL_TILE_T};
 use crate::kernels::rms_norm::RmsNorm;
@@ -302,8 +302,15 @@ impl Buffers {
     }
 }
 
-/// How a recorded dispatch sizes itself for a step of `n` tokens.
-type GroupsFn = Box<dyn Fn(u32) -> [u32; 3] + Send + Sync>;
+/// What a recorded step is: `n` tokens, after which the cache holds `keys` positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub n: u32,
+    pub keys: u32,
+}
+
+/// How a recorded dispatch sizes itself for a step; no workgroups (a zero) skips it.
+type GroupsFn = Box<dyn Fn(Step) -> [u32; 3] + Send + Sync>;
 
 pub struct Dispatch {
     /// What it computes ("qkv", "attend", "lm_head", ...), for per-kernel profiles.
@@ -334,7 +341,7 @@ fn fixed(g: [u32; 3]) -> GroupsFn {
 /// Matmul dispatches are bound for a whole chunk; a step of n tokens runs the token tiles
 /// that cover n (rows past n in the last tile compute values nothing reads).
 fn matmul_groups(g: [u32; 3]) -> GroupsFn {
-    Box::new(move |n| [n.div_ceil(MATMUL_TILE_T as u32), g[1], g[2]])
+    Box::new(move |s| [s.n.div_ceil(MATMUL_TILE_T as u32), g[1], g[2]])
 }
 
 impl Decoder {
@@ -351,7 +358,7 @@ impl Decoder {
         let mut ppl_tail = vec![Dispatch {
             kind: "final_norm",
             bound: k.norm.bind(gpu, &b.x, &w.norm, &b.xn, chunk, hidden, c.rms_norm_eps)?,
-            groups: Box::new(crate::kernels::rms_norm::groups),
+            groups: Box::new(|s| crate::kernels::rms_norm::groups(s.n)),
         }];
         let mk = k.mat(w.lm_head());
         for (bound, g) in mk.mm.bind(gpu, w.lm_head(), &b.xn, 0, &b.logits, chunk as usize)? {
@@ -360,7 +367,7 @@ impl Decoder {
         ppl_tail.push(Dispatch {
             kind: "nll",
             bound: k.sampling.bind_nll(gpu, chunk, vocab, &b.logits, &nll_targets, &nll_out),
-            groups: Box::new(|n| [n, 1, 1]),
+            groups: Box::new(|s| [s.n, 1, 1]),
         });
         let nll_bound = ppl_tail.len() - 1;
         let sample = decode.len() - 1;
@@ -407,7 +414,7 @@ impl Decoder {
 
         // Token ids -> hidden states.
         for (bound, _) in k.embed.bind(gpu, &w.embed, &b.tokens, 0, &b.x, rows as usize)? {
-            push(&mut steps, "embed", bound, Box::new(crate::kernels::groups_1d));
+            push(&mut steps, "embed", bound, Box::new(|s| crate::kernels::groups_1d(s.n)));
         }
         for (i, l) in w.layers.iter().enumerate() {
             // Attention block: x += Wo · attention(rope(Wq·n(x)), cache + rope(Wk·n(x)), Wv·n(x)),
@@ -421,7 +428,7 @@ impl Decoder {
                     &mut steps,
                     "attn_norm",
                     k.norm.bind(gpu, &b.x, &l.attn_norm, &b.xn, rows, hidden, c.rms_norm_eps)?,
-                    Box::new(crate::kernels::rms_norm::groups),
+                    Box::new(|s| crate::kernels::rms_norm::groups(s.n)),
                 );
             }
             let stride = l.qkv.iter().map(|m| m.rows).sum();
@@ -445,19 +452,38 @@ impl Decoder {
                 &mut steps,
                 "rope_kv",
                 k.attn.bind_rope_kv(gpu, sh, &b.state, &b.rope, &b.qkv, &b.q, &b.k_cache[i], &b.v_cache[i]),
-                Box::new(move |n| AttentionKernels::rope_groups(sh, n)),
+                Box::new(move |s| AttentionKernels::rope_groups(sh, s.n)),
             );
-            push(
-                &mut steps,
-                "attend",
-                k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, &b.k_cache[i], &b.v_cache[i], &b.part),
-                Box::new(move |n| AttentionKernels::attend_groups(sh, splits, n)),
-            );
+            // Prefill uses one attention kernel; decode both, each recorded only for the
+            // steps whose key count it suits (AttentionKernels::decode_kind).
+            let kinds = if prefill {
+                vec![AttentionKernels::prefill_kind(sh)]
+            } else if AttentionKernels::decode_kind(sh, splits, plan.max_ctx) == AttendKind::Grouped {
+                vec![AttendKind::PerHead, AttendKind::Grouped]
+            } else {
+                vec![AttendKind::PerHead]
+            };
+            for kind in kinds {
+                let bound =
+                    k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, &b.k_cache[i], &b.v_cache[i], &b.part, kind);
+                let groups: GroupsFn = if prefill {
+                    Box::new(move |s| AttentionKernels::attend_groups(sh, splits, s.n, kind))
+                } else {
+                    Box::new(move |s| {
+                        if AttentionKernels::decode_kind(sh, splits, s.keys) == kind {
+                            AttentionKernels::attend_groups(sh, splits, s.n, kind)
+                        } else {
+                            [0, 0, 0]
+                        }
+                    })
+                };
+                push(&mut steps, "attend", bound, groups);
+            }
             push(
                 &mut steps,
                 "merge",
                 k.attn.bind_merge(gpu, sh, splits, &b.state, &b.part, &b.attn),
-                Box::new(move |n| AttentionKernels::merge_groups(sh, n)),
+                Box::new(move |s| AttentionKernels::merge_groups(sh, s.n)),
             );
             matmul(&mut steps, "o", &l.o, &b.attn, &b.x, true)?;
             // Feed-forward block: x += Wdown · (silu(Wgate·n(x)) * Wup·n(x)), the norm fused
@@ -468,7 +494,7 @@ impl Decoder {
                     &mut steps,
                     "ffn_norm",
                     k.norm.bind(gpu, &b.x, &l.ffn_norm, &b.xn, rows, hidden, c.rms_norm_eps)?,
-                    Box::new(crate::kernels::rms_norm::groups),
+                    Box::new(|s| crate::kernels::rms_norm::groups(s.n)),
                 );
             }
             let list = match (prefill, fuse_norm) {
@@ -506,10 +532,13 @@ impl Decoder {
     }
 }
 
-/// Records `dispatches` for a step of `n` tokens into one compute pass.
-pub fn record(pass: &mut wgpu::ComputePass<'_>, dispatches: &[Dispatch], n: u32) {
+/// Records `dispatches` for `step` into one compute pass.
+pub fn record(pass: &mut wgpu::ComputePass<'_>, dispatches: &[Dispatch], step: Step) {
     for d in dispatches {
-        d.bound.record(pass, (d.groups)(n));
+        let g = (d.groups)(step);
+        if g.iter().all(|&v| v > 0) {
+            d.bound.record(pass, g);
+        }
     }
 }
 

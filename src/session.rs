@@ -1,7 +1,7 @@
 //! The public API: a loaded [`Model`] (shared, read-only) and [`Session`]s over it, each with
 //! its own KV cache, that prefill prompts, stream sampled tokens and measure perplexity.
 
-use crate::decoder::{record, Buffers, Decoder, Kernels, Plan, Weights};
+use crate::decoder::{record, Buffers, Decoder, Kernels, Plan, Step, Weights};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuOptions};
 use crate::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
@@ -257,7 +257,7 @@ impl Session {
             let mut enc = gpu.device.create_command_encoder(&Default::default());
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
-                record(&mut pass, steps, n as u32);
+                record(&mut pass, steps, Step { n: n as u32, keys: (pos + n) as u32 });
             }
             if last {
                 enc.copy_buffer_to_buffer(&self.bufs.tokens.buffer, 0, &self.bufs.readback[0], 0, 4);
@@ -293,13 +293,14 @@ impl Session {
         &self,
         slot: Option<usize>,
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        keys: usize,
     ) -> wgpu::SubmissionIndex {
         let gpu = &self.model.gpu;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         {
             let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: timestamps };
             let mut pass = enc.begin_compute_pass(&desc);
-            record(&mut pass, &self.dec.decode, 1);
+            record(&mut pass, &self.dec.decode, Step { n: 1, keys: keys as u32 });
         }
         if let Some(slot) = slot {
             enc.copy_buffer_to_buffer(&self.bufs.tokens.buffer, 0, &self.bufs.readback[slot], 0, 4);
@@ -342,7 +343,7 @@ impl Session {
         let mut host = Duration::ZERO;
         for i in 0..steps {
             let t = Instant::now();
-            self.submit_decode(None, timer.writes(i));
+            self.submit_decode(None, timer.writes(i), self.cached.len() + 1 + i as usize);
             host += t.elapsed();
         }
         let gpu = &self.model.gpu;
@@ -372,7 +373,7 @@ impl Session {
                 timer.capacity()
             )));
         }
-        let times = time_each(&self.model.gpu, steps, 1, timer)?;
+        let times = time_each(&self.model.gpu, steps, Step { n: 1, keys: (self.cached.len() + 1) as u32 }, timer)?;
         self.cached.clear();
         Ok(times)
     }
@@ -398,7 +399,7 @@ impl Session {
         let ids: Vec<u32> = (0..n).map(|i| i % self.model.config.vocab_size as u32).collect();
         gpu.write(&self.bufs.tokens, 0, &ids);
         gpu.write(&self.bufs.state, 0, &[0u32, n, 0, 0]);
-        Ok(time_each(gpu, steps, n, timer)?.map(|t| (n, t)))
+        Ok(time_each(gpu, steps, Step { n, keys: n }, timer)?.map(|t| (n, t)))
     }
 
     /// Number of dispatches in one prefill chunk (the layers).
@@ -486,11 +487,12 @@ impl Session {
                 break StopReason::ContextFull;
             }
             if pending[slot].is_none() {
-                pending[slot] = Some(self.submit_decode(Some(slot), None));
+                // The step feeds the token sampled last, at position cached.len().
+                pending[slot] = Some(self.submit_decode(Some(slot), None, self.cached.len() + 1));
             }
             let ahead = out.len() + 1 < opts.max_tokens && self.cached.len() + 2 <= self.max_ctx();
             if ahead {
-                pending[slot ^ 1] = Some(self.submit_decode(Some(slot ^ 1), None));
+                pending[slot ^ 1] = Some(self.submit_decode(Some(slot ^ 1), None, self.cached.len() + 2));
             }
             let fed = next;
             let index = pending[slot].take().ok_or_else(|| Error::Gpu("decode step not submitted".into()))?;
@@ -555,8 +557,9 @@ impl Session {
                 let mut enc = gpu.device.create_command_encoder(&Default::default());
                 {
                     let mut pass = enc.begin_compute_pass(&Default::default());
-                    record(&mut pass, &self.dec.prefill[..self.dec.prefill_layers_len], n as u32);
-                    record(&mut pass, &self.dec.ppl_tail, n as u32);
+                    let step = Step { n: n as u32, keys: (pos + n) as u32 };
+                    record(&mut pass, &self.dec.prefill[..self.dec.prefill_layers_len], step);
+                    record(&mut pass, &self.dec.ppl_tail, step);
                 }
                 gpu.queue.submit([enc.finish()]);
                 let got: Vec<f32> = gpu.read(&self.dec.nll_out, 0, n)?;
@@ -580,14 +583,18 @@ pub fn user_message(text: &str) -> Vec<ChatMessage> {
 fn time_each(
     gpu: &Gpu,
     steps: &[crate::decoder::Dispatch],
-    n: u32,
+    step: Step,
     timer: &crate::bench::GpuTimer,
 ) -> Result<Option<DispatchTimes>> {
     let mut enc = gpu.device.create_command_encoder(&Default::default());
     for (i, d) in steps.iter().enumerate() {
         let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: timer.writes(i as u32) };
         let mut pass = enc.begin_compute_pass(&desc);
-        d.bound.record(&mut pass, (d.groups)(n));
+        // A dispatch this step skips (the attention kernel it does not use) times as ~0.
+        let g = (d.groups)(step);
+        if g.iter().all(|&v| v > 0) {
+            d.bound.record(&mut pass, g);
+        }
     }
     gpu.queue.submit([enc.finish()]);
     let times = timer.collect(gpu, steps.len() as u32)?;

@@ -131,17 +131,20 @@ fn main(
     let xb = (p.x_off + v * p.k) / 4u;
     let nb = p.k / 32u;
     let fold = w_fold();
+    // Rows past the matrix (in the last workgroup) repeat its last row, and their sums are
+    // not written: with the loads unconditional the compiler issues all R rows' loads
+    // together, where a bounds test around each row had kept them one at a time (8B Q4_0
+    // decode +12% on an H100, benches/RESULTS.md).
+    let last_row = p.rows - 1u;
     for (var kb = lane; kb < nb; kb += TPR) {
         let xs = x_block(xb, kb);
         let xsum = x_sum(xs);
         for (var r = 0u; r < R; r++) {
-            let row = row0 + r;
-            if (row < p.rows) {
-                acc[r] += w_dot32v(0u, row, kb, xs, xsum);
+            let row = min(row0 + r, last_row);
+            acc[r] += w_dot32v(0u, row, kb, xs, xsum);
 #if SWIGLU
-                accu[r] += w_dot32v(1u, row, kb, xs, xsum);
+            accu[r] += w_dot32v(1u, row, kb, xs, xsum);
 #endif
-            }
         }
     }
     // Each row's partial sums, folded once (folding every block measured no faster).

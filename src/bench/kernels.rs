@@ -9,7 +9,7 @@ use super::{GpuTimer, Peaks, Row};
 use crate::decoder::Plan;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::kernels::attention::{rope_table, AttentionKernels, AttnShape};
+use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use crate::kernels::embedding::Embedding;
 use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, OutRows};
 use crate::kernels::probe::{fma_flops, Probes, COPY_GROUPS};
@@ -333,11 +333,19 @@ impl Bench<'_> {
                 let bytes = ((nh + 2 * nkv) * hd * 4 + nh * hd * 4 + 2 * nkv * hd * 2 + hd * 4) as f64;
                 on_row(&row("rope_kv", format!("pos={}", ctx - 1), s, bytes, 0.0));
             }
-            if self.wanted("attend_decode") {
-                let b = k.bind_attend(gpu, a, splits, &decode_state, &q, &kc, &vc, &part);
-                let s = self.time_sets(&[vec![(b, AttentionKernels::attend_groups(a, splits, 1))]])?;
+            // Both attention kernels (per query head, per head group); decode picks one by
+            // the keys per split (AttentionKernels::decode_kind), prefill by the group size.
+            let kinds = [(AttendKind::PerHead, ""), (AttendKind::Grouped, "_group")];
+            for (kind, suffix) in kinds {
+                let name = format!("attend_decode{suffix}");
+                if !self.wanted(&name) {
+                    continue;
+                }
+                let b = k.bind_attend(gpu, a, splits, &decode_state, &q, &kc, &vc, &part, kind);
+                let s = self.time_sets(&[vec![(b, AttentionKernels::attend_groups(a, splits, 1, kind))]])?;
                 let flops = 4.0 * (nh * hd * ctx) as f64;
-                on_row(&row("attend_decode", format!("ctx={ctx} splits={splits}"), s, cache_read, flops));
+                let used = if AttentionKernels::decode_kind(a, splits, ctx) == kind { " (used)" } else { "" };
+                on_row(&row(&name, format!("ctx={ctx} splits={splits}{used}"), s, cache_read, flops));
             }
             if self.wanted("attn_merge") {
                 let b = k.bind_merge(gpu, a, splits, &decode_state, &part, &out);
@@ -345,14 +353,19 @@ impl Bench<'_> {
                 let bytes = (a.partial_floats(1, splits) * 4 + (nh * hd * 4) as u64) as f64;
                 on_row(&row("attn_merge", format!("splits={splits}"), s, bytes, 0.0));
             }
-            if self.wanted("attend_prefill") && ctx >= t {
+            for (kind, suffix) in kinds {
+                let name = format!("attend_prefill{suffix}");
+                if !self.wanted(&name) || ctx < t {
+                    continue;
+                }
                 // The last chunk of a prompt of `ctx` tokens: t queries over up to ctx keys.
                 let state = gpu.upload("state", &[ctx - t, t, 0, 0])?;
-                let b = k.bind_attend(gpu, a, 1, &state, &q, &kc, &vc, &part);
-                let s = self.time_sets(&[vec![(b, AttentionKernels::attend_groups(a, 1, t))]])?;
+                let b = k.bind_attend(gpu, a, 1, &state, &q, &kc, &vc, &part, kind);
+                let s = self.time_sets(&[vec![(b, AttentionKernels::attend_groups(a, 1, t, kind))]])?;
                 let keys = (ctx - t) as f64 * t as f64 + (t as f64 * (t as f64 + 1.0)) / 2.0;
                 let flops = 4.0 * (nh * hd) as f64 * keys;
-                on_row(&row("attend_prefill", format!("ctx={ctx} n={t}"), s, cache_read, flops));
+                let used = if AttentionKernels::prefill_kind(a) == kind { " (used)" } else { "" };
+                on_row(&row(&name, format!("ctx={ctx} n={t}{used}"), s, cache_read, flops));
             }
         }
         Ok(())

@@ -12,6 +12,7 @@ use std::sync::Arc;
 const KV_WGSL: &str = include_str!("../../shaders/attention/kv_store.wgsl");
 const ROPE_WGSL: &str = include_str!("../../shaders/attention/rope_kv.wgsl");
 const ATTEND_WGSL: &str = include_str!("../../shaders/attention/attend.wgsl");
+const ATTEND_GROUP_WGSL: &str = include_str!("../../shaders/attention/attend_group.wgsl");
 const MERGE_WGSL: &str = include_str!("../../shaders/attention/attn_merge.wgsl");
 
 /// Head shapes shared by the attention kernels.
@@ -90,9 +91,18 @@ pub fn rope_table(inv_freq: &[f32], max_ctx: usize) -> Vec<[f32; 2]> {
     t
 }
 
+/// The two attention kernels: one query head per workgroup (attend.wgsl), or the query heads
+/// of one KV head together (attend_group.wgsl), reading the cache once for all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttendKind {
+    PerHead,
+    Grouped,
+}
+
 pub struct AttentionKernels {
     rope: Arc<wgpu::ComputePipeline>,
     attend: Arc<wgpu::ComputePipeline>,
+    attend_group: Arc<wgpu::ComputePipeline>,
     merge: Arc<wgpu::ComputePipeline>,
 }
 
@@ -105,6 +115,7 @@ impl AttentionKernels {
         Ok(AttentionKernels {
             rope: gpu.pipeline(&PipelineKey::new("rope_kv", &[KV_WGSL, ROPE_WGSL], f))?,
             attend: gpu.pipeline(&PipelineKey::new("attend", &[REDUCE_WGSL, KV_WGSL, ATTEND_WGSL], f))?,
+            attend_group: gpu.pipeline(&PipelineKey::new("attend_group", &[KV_WGSL, ATTEND_GROUP_WGSL], f))?,
             merge: gpu.pipeline(&PipelineKey::new("attn_merge", &[MERGE_WGSL], f))?,
         })
     }
@@ -156,8 +167,13 @@ impl AttentionKernels {
         k_cache: &GpuBuffer,
         v_cache: &GpuBuffer,
         part: &GpuBuffer,
+        kind: AttendKind,
     ) -> Bound {
         assert!((1..=Self::MAX_SPLITS).contains(&splits), "attention splits {splits}");
+        let pipeline = match kind {
+            AttendKind::PerHead => &self.attend,
+            AttendKind::Grouped => &self.attend_group,
+        };
         let params = gpu.uniform(
             "attend",
             &AttendParams {
@@ -171,14 +187,50 @@ impl AttentionKernels {
             },
         );
         let bind_group = gpu.bind_group(
-            &self.attend,
+            pipeline,
             &[params.binding(), state.binding(), q.binding(), k_cache.binding(), v_cache.binding(), part.binding()],
         );
-        Bound { pipeline: self.attend.clone(), bind_group, params: Some(params) }
+        Bound { pipeline: pipeline.clone(), bind_group, params: Some(params) }
     }
 
-    pub fn attend_groups(sh: AttnShape, splits: u32, n: u32) -> [u32; 3] {
-        [sh.n_heads, splits, n]
+    /// Query heads per KV head from which the grouped kernel is used: with fewer, its vec4
+    /// lanes idle (SmolLM2-135M has 3; there it lost at every context on an H100).
+    pub const GROUP_MIN_HEADS: u32 = 4;
+    /// Keys per split from which decode uses the grouped kernel. On an H100 (Llama-3-8B
+    /// shape, benches/RESULTS.md) it lost at 64 keys per split (1K context: fewer, longer
+    /// workgroups) and won at 250 (16K: the cache read once instead of four times).
+    pub const GROUP_MIN_KEYS: u32 = 192;
+
+    /// Keys each split of a step with `keys` keys covers (attend*.wgsl compute the same).
+    pub fn keys_per_split(splits: u32, keys: u32) -> u32 {
+        let used = splits.min(keys.div_ceil(64)).max(1);
+        keys.div_ceil(used)
+    }
+
+    /// The kernel for a decode step over `keys` keys.
+    pub fn decode_kind(sh: AttnShape, splits: u32, keys: u32) -> AttendKind {
+        if sh.n_heads / sh.n_kv >= Self::GROUP_MIN_HEADS && Self::keys_per_split(splits, keys) >= Self::GROUP_MIN_KEYS {
+            AttendKind::Grouped
+        } else {
+            AttendKind::PerHead
+        }
+    }
+
+    /// The kernel for prefill steps (one split, each query over all its keys).
+    pub fn prefill_kind(sh: AttnShape) -> AttendKind {
+        if sh.n_heads / sh.n_kv >= Self::GROUP_MIN_HEADS {
+            AttendKind::Grouped
+        } else {
+            AttendKind::PerHead
+        }
+    }
+
+    /// One workgroup per (query head, or head group of up to four, split, query).
+    pub fn attend_groups(sh: AttnShape, splits: u32, n: u32, kind: AttendKind) -> [u32; 3] {
+        match kind {
+            AttendKind::PerHead => [sh.n_heads, splits, n],
+            AttendKind::Grouped => [sh.n_kv * (sh.n_heads / sh.n_kv).div_ceil(4), splits, n],
+        }
     }
 
     /// Merges partials into out [n, n_heads, hd].
@@ -272,8 +324,15 @@ mod tests {
 
     /// Runs rope_kv + attend + merge for `n` new tokens after `past` cached ones (whose K/V
     /// are written by earlier steps of the same kernels) and checks q rotation, the cache
-    /// contents and the attention output against f64 references.
+    /// contents and the attention output against f64 references; once with each attention
+    /// kernel (per head, head groups).
     fn check(gpu: &Gpu, sh: AttnShape, past: usize, n: usize, splits: u32, seed: u64) {
+        for kind in [AttendKind::PerHead, AttendKind::Grouped] {
+            check_kind(gpu, sh, past, n, splits, seed, kind);
+        }
+    }
+
+    fn check_kind(gpu: &Gpu, sh: AttnShape, past: usize, n: usize, splits: u32, seed: u64, kind: AttendKind) {
         let k = AttentionKernels::new(gpu).unwrap();
         let hd = sh.head_dim as usize;
         let (nh, nkv) = (sh.n_heads as usize, sh.n_kv as usize);
@@ -295,7 +354,7 @@ mod tests {
         let part = gpu.storage("part", sh.partial_floats(cap as u32, splits) * 4).unwrap();
         let out = gpu.storage("out", (cap * nh * hd * 4) as u64).unwrap();
         let rb = k.bind_rope_kv(gpu, sh, &state, &rope, &qkvb, &qb, &kc, &vc);
-        let ab = k.bind_attend(gpu, sh, splits, &state, &qb, &kc, &vc, &part);
+        let ab = k.bind_attend(gpu, sh, splits, &state, &qb, &kc, &vc, &part, kind);
         let mb = k.bind_merge(gpu, sh, splits, &state, &part, &out);
         let step = |start: usize, cnt: usize| {
             gpu.write(&state, 0, &[start as u32, cnt as u32, 0, 0]);
@@ -308,7 +367,7 @@ mod tests {
             gpu.write(&qkvb, 0, &rows);
             crate::kernels::run_pass(gpu, |p| {
                 rb.record(p, AttentionKernels::rope_groups(sh, cnt as u32));
-                ab.record(p, AttentionKernels::attend_groups(sh, splits, cnt as u32));
+                ab.record(p, AttentionKernels::attend_groups(sh, splits, cnt as u32, kind));
                 mb.record(p, AttentionKernels::merge_groups(sh, cnt as u32));
             })
             .unwrap();
@@ -317,7 +376,7 @@ mod tests {
             step(0, past);
         }
         step(past, n);
-        let what = format!("{sh:?} past {past} n {n} splits {splits} {:?}", gpu.flags());
+        let what = format!("{sh:?} past {past} n {n} splits {splits} {kind:?} {:?}", gpu.flags());
 
         // Rotated q of the new tokens.
         let got_q: Vec<f32> = gpu.read(&qb, 0, n * nh * hd).unwrap();
@@ -382,7 +441,8 @@ mod tests {
         let gpu = &variants()[0];
         check(gpu, AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 600 }, 500, 1, 16, 6);
         check(gpu, AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 600 }, 64, 9, 2, 7);
-        // Eight query heads per KV head, and a group of five.
+        // Eight query heads per KV head (two head groups), and five (a group of four and one
+        // of one).
         check(gpu, AttnShape { n_heads: 8, n_kv: 1, head_dim: 32, max_ctx: 300 }, 200, 1, 8, 10);
         check(gpu, AttnShape { n_heads: 10, n_kv: 2, head_dim: 16, max_ctx: 300 }, 0, 70, 1, 11);
         // All 64 splits in use at a long context (65 tiles), and few of them at a short one.

@@ -1,0 +1,201 @@
+// Causal attention of the step's queries over the cache as mergeable partials, as attend.wgsl
+// computes them (same bindings, same partials), for whole groups of query heads.
+//
+// Workgroup (head group g, split s, query t): up to four query heads that share one KV head
+// (grouped-query attention, one vec4 component per head), for the query at position
+// pos = state[0] + t over its split of keys 0..=pos. The heads of a group read the same keys
+// and values, so the cache is read once per KV head instead of once per query head: with
+// per-head workgroups (attend.wgsl), 16K keys of Llama-3-8B's cache were read 4x from memory.
+// With short splits the per-head kernel wins (more, smaller workgroups); attention.rs picks.
+//
+// 64 invocations, the same phases as attend.wgsl: scores with four invocations per key (16
+// keys at a time, the four partial dots meeting in workgroup memory), then weighted values
+// with the head dimension in groups of four times 64/(hd/4) groups of keys.
+
+struct Params {
+    n_heads: u32,
+    n_kv: u32,
+    hd: u32,
+    max_ctx: u32,
+    n_splits: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> state: array<u32>;
+@group(0) @binding(2) var<storage, read> q: array<f32>;
+@group(0) @binding(3) var<storage, read> k_cache: array<KvWord>;
+@group(0) @binding(4) var<storage, read> v_cache: array<KvWord>;
+// [t][h][s][hd + 2]: o[0..hd], m, l
+@group(0) @binding(5) var<storage, read_write> part: array<f32>;
+
+const WG: u32 = 64u;
+const NEG: f32 = -1e30;
+// Query heads per workgroup, one per vec4 component.
+const HPW: u32 = 4u;
+
+// Scaled queries [head][hd / 4] (64 words per head); absent heads are zero.
+var<workgroup> q_sh: array<vec4<f32>, 256>;
+// Partial dots of a tile [key][quarter], one component per head; at the end, the outputs of
+// the key groups [head][invocation].
+var<workgroup> s_sh: array<vec4<f32>, 256>;
+var<workgroup> p_sh: array<vec4<f32>, 64>;
+var<workgroup> red4: array<vec4<f32>, 64>;
+
+// Workgroup max / sum of one vec4 per invocation (every invocation calls them: barriers).
+fn wg_max4(v: vec4<f32>, lid: u32, sgs: u32, sgl: u32) -> vec4<f32> {
+#if SUBGROUPS
+    let s = subgroupMax(v);
+    if (sgl == 0u) { red4[lid / sgs] = s; }
+    workgroupBarrier();
+    var t = red4[0];
+    for (var i = 1u; i < WG / sgs; i++) { t = max(t, red4[i]); }
+    workgroupBarrier();
+    return t;
+#else
+    red4[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) { red4[lid] = max(red4[lid], red4[lid + s]); }
+        workgroupBarrier();
+    }
+    let t = red4[0];
+    workgroupBarrier();
+    return t;
+#endif
+}
+
+fn wg_sum4(v: vec4<f32>, lid: u32, sgs: u32, sgl: u32) -> vec4<f32> {
+#if SUBGROUPS
+    let s = subgroupAdd(v);
+    if (sgl == 0u) { red4[lid / sgs] = s; }
+    workgroupBarrier();
+    var t = vec4<f32>(0.0);
+    for (var i = 0u; i < WG / sgs; i++) { t += red4[i]; }
+    workgroupBarrier();
+    return t;
+#else
+    red4[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) { red4[lid] += red4[lid + s]; }
+        workgroupBarrier();
+    }
+    let t = red4[0];
+    workgroupBarrier();
+    return t;
+#endif
+}
+
+@compute @workgroup_size(64)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+#if SUBGROUPS
+    @builtin(subgroup_size) sgs: u32,
+    @builtin(subgroup_invocation_id) sgl: u32,
+#endif
+) {
+#if !SUBGROUPS
+    let sgs = 1u;
+    let sgl = 0u;
+#endif
+    let group = p.n_heads / p.n_kv;
+    let s = wid.y;
+    let t = wid.z;
+    if (t >= state[1]) { return; }
+    let pos = state[0] + t;
+    let n_keys = pos + 1u;
+    // Splits in use: at least one tile of keys each, so short contexts spread over as many
+    // workgroups as they have tiles instead of leaving most splits empty (attn_merge computes
+    // the same count).
+    let used = min(p.n_splits, (n_keys + WG - 1u) / WG);
+    if (s >= used) { return; }
+    let chunk = (n_keys + used - 1u) / used;
+    let k0 = min(s * chunk, n_keys);
+    let k1 = min(k0 + chunk, n_keys);
+    // This workgroup's query heads: h0 .. h0 + nh, all of KV head kh.
+    let n_hg = (group + HPW - 1u) / HPW;
+    let kh = wid.x / n_hg;
+    let h0 = kh * group + (wid.x % n_hg) * HPW;
+    let nh = min(HPW, (kh + 1u) * group - h0);
+    let hd4 = p.hd / 4u;
+    for (var i = lid; i < HPW * 64u; i += WG) {
+        let hi = i / 64u;
+        let d = i % 64u;
+        var v = vec4<f32>(0.0);
+        if (hi < nh && d < hd4) {
+            let b = (t * p.n_heads + h0 + hi) * p.hd + d * 4u;
+            v = vec4<f32>(q[b], q[b + 1u], q[b + 2u], q[b + 3u]) * p.scale;
+        }
+        q_sh[i] = v;
+    }
+    workgroupBarrier();
+
+    let row0 = kh * p.max_ctx;
+    // Value phase layout: invocation = key group * hd4 + dim group.
+    let dg = lid % hd4;
+    let kg = lid / hd4;
+    let n_kg = WG / hd4;
+    var m = vec4<f32>(NEG);
+    var l = vec4<f32>(0.0);
+    var o = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var tile = k0; tile < k1; tile += WG) {
+        // Keys past k1 read key k1 - 1 (valid) and are masked below.
+        let quarter = lid % 4u;
+        for (var g = 0u; g < 4u; g++) {
+            let key = g * 16u + lid / 4u;
+            let kb = (row0 + min(tile + key, k1 - 1u)) * hd4;
+            var acc = vec4<f32>(0.0);
+            for (var d = quarter; d < hd4; d += 4u) {
+                let kv = kv_unpack(k_cache[kb + d]);
+                acc += vec4<f32>(dot(q_sh[d], kv), dot(q_sh[64u + d], kv), dot(q_sh[128u + d], kv), dot(q_sh[192u + d], kv));
+            }
+            s_sh[key * 4u + quarter] = acc;
+        }
+        workgroupBarrier();
+        let j = tile + lid;
+        var score = vec4<f32>(NEG);
+        if (j < k1) {
+            let b = lid * 4u;
+            score = (s_sh[b] + s_sh[b + 1u]) + (s_sh[b + 2u] + s_sh[b + 3u]);
+        }
+        let m_new = max(m, wg_max4(score, lid, sgs, sgl));
+        let pj = select(vec4<f32>(0.0), exp(score - m_new), j < k1);
+        let corr = exp(m - m_new);
+        l = l * corr + wg_sum4(pj, lid, sgs, sgl);
+        p_sh[lid] = pj;
+        workgroupBarrier();
+        for (var i = 0u; i < HPW; i++) { o[i] *= corr[i]; }
+        if (kg < n_kg) {
+            let n = min(WG, k1 - tile);
+            for (var jj = kg; jj < n; jj += n_kg) {
+                let v = kv_unpack(v_cache[(row0 + tile + jj) * hd4 + dg]);
+                let pw = p_sh[jj];
+                o[0] += pw.x * v;
+                o[1] += pw.y * v;
+                o[2] += pw.z * v;
+                o[3] += pw.w * v;
+            }
+        }
+        m = m_new;
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < HPW; i++) { s_sh[i * 64u + lid] = o[i]; }
+    workgroupBarrier();
+    if (lid < hd4) {
+        for (var i = 0u; i < nh; i++) {
+            var sum = vec4<f32>(0.0);
+            for (var g = 0u; g < n_kg; g++) { sum += s_sh[i * 64u + g * hd4 + lid]; }
+            let out = ((t * p.n_heads + h0 + i) * p.n_splits + s) * (p.hd + 2u);
+            for (var e = 0u; e < 4u; e++) { part[out + lid * 4u + e] = sum[e]; }
+        }
+    }
+    if (lid == 0u) {
+        for (var i = 0u; i < nh; i++) {
+            let out = ((t * p.n_heads + h0 + i) * p.n_splits + s) * (p.hd + 2u);
+            part[out + p.hd] = m[i];
+            part[out + p.hd + 1u] = l[i];
+        }
+    }
+}
