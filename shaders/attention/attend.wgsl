@@ -88,14 +88,24 @@ fn main(
     for (var tile = k0; tile < k1; tile += WG) {
         // Keys past k1 read key k1 - 1 (valid) and are masked below.
         let quarter = lid % 4u;
-        for (var g = 0u; g < 4u; g++) {
-            let key = g * 16u + lid / 4u;
-            let kb = (row0 + min(tile + key, k1 - 1u)) * hd4;
-            var acc = 0.0;
-            for (var d = quarter; d < hd4; d += 4u) {
-                acc += dot(q_sh[d], kv_unpack(k_cache[kb + d]));
+        // The invocation's four keys (one per 16-key pass), two words of each per round:
+        // eight loads issued before any is used (loops with constant bounds unroll; a loop
+        // over the head dimension waited for each load in turn).
+        var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+        for (var d0 = quarter; d0 < hd4; d0 += 8u) {
+            var kw: array<vec4<f32>, 8>;
+            for (var g = 0u; g < 4u; g++) {
+                let kb = (row0 + min(tile + g * 16u + lid / 4u, k1 - 1u)) * hd4;
+                kw[2u * g] = kv_unpack(k_cache[kb + d0]);
+                kw[2u * g + 1u] = kv_unpack(k_cache[kb + min(d0 + 4u, hd4 - 1u)]);
             }
-            s_sh[key * 4u + quarter] = acc;
+            let has2 = d0 + 4u < hd4;
+            for (var g = 0u; g < 4u; g++) {
+                acc[g] += dot(q_sh[d0], kw[2u * g]) + select(0.0, dot(q_sh[min(d0 + 4u, 63u)], kw[2u * g + 1u]), has2);
+            }
+        }
+        for (var g = 0u; g < 4u; g++) {
+            s_sh[(g * 16u + lid / 4u) * 4u + quarter] = acc[g];
         }
         workgroupBarrier();
         let j = tile + lid;
@@ -114,8 +124,18 @@ fn main(
         o = o * corr;
         if (kg < n_kg) {
             let n = min(WG, k1 - tile);
-            for (var jj = kg; jj < n; jj += n_kg) {
-                o += p_sh[jj] * kv_unpack(v_cache[(row0 + tile + jj) * hd4 + dg]);
+            let vb = (row0 + tile) * hd4 + dg;
+            // Eight keys' values per round, all loaded before use (keys past n read key
+            // n - 1 and weigh 0).
+            for (var j0 = kg; j0 < n; j0 += 8u * n_kg) {
+                var vw: array<vec4<f32>, 8>;
+                for (var u = 0u; u < 8u; u++) {
+                    vw[u] = kv_unpack(v_cache[vb + min(j0 + u * n_kg, n - 1u) * hd4]);
+                }
+                for (var u = 0u; u < 8u; u++) {
+                    let jj = j0 + u * n_kg;
+                    o += select(0.0, p_sh[min(jj, WG - 1u)], jj < n) * vw[u];
+                }
             }
         }
         m = m_new;

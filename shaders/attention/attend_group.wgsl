@@ -143,15 +143,29 @@ fn main(
     for (var tile = k0; tile < k1; tile += WG) {
         // Keys past k1 read key k1 - 1 (valid) and are masked below.
         let quarter = lid % 4u;
-        for (var g = 0u; g < 4u; g++) {
-            let key = g * 16u + lid / 4u;
-            let kb = (row0 + min(tile + key, k1 - 1u)) * hd4;
-            var acc = vec4<f32>(0.0);
-            for (var d = quarter; d < hd4; d += 4u) {
-                let kv = kv_unpack(k_cache[kb + d]);
-                acc += vec4<f32>(dot(q_sh[d], kv), dot(q_sh[64u + d], kv), dot(q_sh[128u + d], kv), dot(q_sh[192u + d], kv));
+        // As in attend.wgsl: eight loads per round issued before any is used.
+        var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+        for (var d0 = quarter; d0 < hd4; d0 += 8u) {
+            var kw: array<vec4<f32>, 8>;
+            for (var g = 0u; g < 4u; g++) {
+                let kb = (row0 + min(tile + g * 16u + lid / 4u, k1 - 1u)) * hd4;
+                kw[2u * g] = kv_unpack(k_cache[kb + d0]);
+                kw[2u * g + 1u] = kv_unpack(k_cache[kb + min(d0 + 4u, hd4 - 1u)]);
             }
-            s_sh[key * 4u + quarter] = acc;
+            let d1 = min(d0 + 4u, 63u);
+            let w1 = select(0.0, 1.0, d0 + 4u < hd4);
+            for (var g = 0u; g < 4u; g++) {
+                let a = kw[2u * g];
+                let b = kw[2u * g + 1u] * w1;
+                acc[g] += vec4<f32>(
+                    dot(q_sh[d0], a) + dot(q_sh[d1], b),
+                    dot(q_sh[64u + d0], a) + dot(q_sh[64u + d1], b),
+                    dot(q_sh[128u + d0], a) + dot(q_sh[128u + d1], b),
+                    dot(q_sh[192u + d0], a) + dot(q_sh[192u + d1], b));
+            }
+        }
+        for (var g = 0u; g < 4u; g++) {
+            s_sh[(g * 16u + lid / 4u) * 4u + quarter] = acc[g];
         }
         workgroupBarrier();
         let j = tile + lid;
@@ -169,13 +183,20 @@ fn main(
         for (var i = 0u; i < HPW; i++) { o[i] *= corr[i]; }
         if (kg < n_kg) {
             let n = min(WG, k1 - tile);
-            for (var jj = kg; jj < n; jj += n_kg) {
-                let v = kv_unpack(v_cache[(row0 + tile + jj) * hd4 + dg]);
-                let pw = p_sh[jj];
-                o[0] += pw.x * v;
-                o[1] += pw.y * v;
-                o[2] += pw.z * v;
-                o[3] += pw.w * v;
+            let vb = (row0 + tile) * hd4 + dg;
+            for (var j0 = kg; j0 < n; j0 += 8u * n_kg) {
+                var vw: array<vec4<f32>, 8>;
+                for (var u = 0u; u < 8u; u++) {
+                    vw[u] = kv_unpack(v_cache[vb + min(j0 + u * n_kg, n - 1u) * hd4]);
+                }
+                for (var u = 0u; u < 8u; u++) {
+                    let jj = j0 + u * n_kg;
+                    let pw = select(vec4<f32>(0.0), p_sh[min(jj, WG - 1u)], jj < n);
+                    o[0] += pw.x * vw[u];
+                    o[1] += pw.y * vw[u];
+                    o[2] += pw.z * vw[u];
+                    o[3] += pw.w * vw[u];
+                }
             }
         }
         m = m_new;
