@@ -1,7 +1,7 @@
 //! The public API: a loaded [`Model`] (shared, read-only) and [`Session`]s over it, each with
 //! its own KV cache, that prefill prompts, stream sampled tokens and measure perplexity.
 
-use crate::decoder::{record, Buffers, Decoder, Kernels, Plan, Step, Weights};
+use crate::decoder::{record, Buffers, Decoder, Kernels, Plan, Step, Weights, STEPS_IN_FLIGHT};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuOptions};
 use crate::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
@@ -464,13 +464,14 @@ impl Session {
         let tok = &model.tokenizer;
         let mut stream = tok.stream_decoder(true);
         let mut out = vec![];
-        // Steps run one ahead: the step after the current one is submitted before the current
-        // token is read back (the GPU feeds it on its own), and the read waits only for the
-        // current step's submission, so the GPU never waits for the host. A step submitted past the end computes a token nobody reads; its cache row
-        // lies beyond `cached` and is overwritten by whatever comes next.
+        // Steps run ahead: up to STEPS_IN_FLIGHT - 1 steps after the current one are submitted
+        // before the current token is read back (the GPU feeds each step the token of the one
+        // before), and the read waits only for the current step's submission, so the GPU
+        // does not wait for the host. A step submitted past the end computes a token nobody
+        // reads; its cache row lies beyond `cached` and is overwritten by whatever comes next.
         let mut slot = 0;
         // The submission that fills each readback slot, while it is in flight.
-        let mut pending: [Option<wgpu::SubmissionIndex>; 2] = [None, None];
+        let mut pending: [Option<wgpu::SubmissionIndex>; STEPS_IN_FLIGHT] = Default::default();
         let stop = loop {
             if opts.stop_at_eos && tok.is_eos(next) {
                 break StopReason::Eos;
@@ -486,20 +487,25 @@ impl Session {
             if self.cached.len() + 1 > self.max_ctx() {
                 break StopReason::ContextFull;
             }
-            if pending[slot].is_none() {
-                // The step feeds the token sampled last, at position cached.len().
-                pending[slot] = Some(self.submit_decode(Some(slot), None, self.cached.len() + 1));
-            }
-            let ahead = out.len() + 1 < opts.max_tokens && self.cached.len() + 2 <= self.max_ctx();
-            if ahead {
-                pending[slot ^ 1] = Some(self.submit_decode(Some(slot ^ 1), None, self.cached.len() + 2));
+            // Step `ahead` after the current one feeds the token at position
+            // cached.len() + ahead; the slots fill in order, so each pass adds at most one.
+            for ahead in 0..STEPS_IN_FLIGHT {
+                let s = (slot + ahead) % STEPS_IN_FLIGHT;
+                let wanted = ahead == 0
+                    || (out.len() + ahead < opts.max_tokens && self.cached.len() + 1 + ahead <= self.max_ctx());
+                if !wanted {
+                    break;
+                }
+                if pending[s].is_none() {
+                    pending[s] = Some(self.submit_decode(Some(s), None, self.cached.len() + 1 + ahead));
+                }
             }
             let fed = next;
             let index = pending[slot].take().ok_or_else(|| Error::Gpu("decode step not submitted".into()))?;
             next = self.read_token(slot, index)?;
             self.cached.push(fed);
             self.seen[next as usize / 32] |= 1 << (next % 32);
-            slot ^= 1;
+            slot = (slot + 1) % STEPS_IN_FLIGHT;
         };
         let rest = stream.flush(tok)?;
         if !rest.is_empty() {
