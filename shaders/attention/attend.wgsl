@@ -34,6 +34,10 @@ struct Params {
 
 const WG: u32 = 64u;
 const NEG: f32 = -1e30;
+// Loads issued per round before any is used: KW words of each of an invocation's four keys,
+// VB keys' values.
+const KW: u32 = 4u;
+const VB: u32 = 16u;
 
 var<workgroup> q_sh: array<vec4<f32>, 64>;
 var<workgroup> p_sh: array<f32, 64>;
@@ -88,20 +92,23 @@ fn main(
     for (var tile = k0; tile < k1; tile += WG) {
         // Keys past k1 read key k1 - 1 (valid) and are masked below.
         let quarter = lid % 4u;
-        // The invocation's four keys (one per 16-key pass), two words of each per round:
-        // eight loads issued before any is used (loops with constant bounds unroll; a loop
-        // over the head dimension waited for each load in turn).
+        // The invocation's four keys (one per 16-key pass), KW words of each per round, all
+        // loaded before any is used (loops with constant bounds unroll; a loop over the head
+        // dimension waited for each load in turn).
         var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-        for (var d0 = quarter; d0 < hd4; d0 += 8u) {
-            var kw: array<vec4<f32>, 8>;
+        for (var d0 = quarter; d0 < hd4; d0 += 4u * KW) {
+            var kw: array<vec4<f32>, 4 * KW>;
             for (var g = 0u; g < 4u; g++) {
                 let kb = (row0 + min(tile + g * 16u + lid / 4u, k1 - 1u)) * hd4;
-                kw[2u * g] = kv_unpack(k_cache[kb + d0]);
-                kw[2u * g + 1u] = kv_unpack(k_cache[kb + min(d0 + 4u, hd4 - 1u)]);
+                for (var e = 0u; e < KW; e++) {
+                    kw[g * KW + e] = kv_unpack(k_cache[kb + min(d0 + 4u * e, hd4 - 1u)]);
+                }
             }
-            let has2 = d0 + 4u < hd4;
             for (var g = 0u; g < 4u; g++) {
-                acc[g] += dot(q_sh[d0], kw[2u * g]) + select(0.0, dot(q_sh[min(d0 + 4u, 63u)], kw[2u * g + 1u]), has2);
+                for (var e = 0u; e < KW; e++) {
+                    let d = d0 + 4u * e;
+                    acc[g] += select(0.0, dot(q_sh[min(d, 63u)], kw[g * KW + e]), d < hd4);
+                }
             }
         }
         for (var g = 0u; g < 4u; g++) {
@@ -125,14 +132,14 @@ fn main(
         if (kg < n_kg) {
             let n = min(WG, k1 - tile);
             let vb = (row0 + tile) * hd4 + dg;
-            // Eight keys' values per round, all loaded before use (keys past n read key
-            // n - 1 and weigh 0).
-            for (var j0 = kg; j0 < n; j0 += 8u * n_kg) {
-                var vw: array<vec4<f32>, 8>;
-                for (var u = 0u; u < 8u; u++) {
+            // VB keys' values per round, all loaded before use (keys past n read key n - 1
+            // and weigh 0).
+            for (var j0 = kg; j0 < n; j0 += VB * n_kg) {
+                var vw: array<vec4<f32>, VB>;
+                for (var u = 0u; u < VB; u++) {
                     vw[u] = kv_unpack(v_cache[vb + min(j0 + u * n_kg, n - 1u) * hd4]);
                 }
-                for (var u = 0u; u < 8u; u++) {
+                for (var u = 0u; u < VB; u++) {
                     let jj = j0 + u * n_kg;
                     o += select(0.0, p_sh[min(jj, WG - 1u)], jj < n) * vw[u];
                 }

@@ -31,6 +31,10 @@ struct Params {
 
 const WG: u32 = 64u;
 const NEG: f32 = -1e30;
+// Loads issued per round before any is used: KW words of each of an invocation's four keys,
+// VB keys' values.
+const KW: u32 = 4u;
+const VB: u32 = 16u;
 // Query heads per workgroup, one per vec4 component.
 const HPW: u32 = 4u;
 
@@ -143,25 +147,23 @@ fn main(
     for (var tile = k0; tile < k1; tile += WG) {
         // Keys past k1 read key k1 - 1 (valid) and are masked below.
         let quarter = lid % 4u;
-        // As in attend.wgsl: eight loads per round issued before any is used.
+        // As in attend.wgsl: all of a round's loads issued before any is used.
         var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-        for (var d0 = quarter; d0 < hd4; d0 += 8u) {
-            var kw: array<vec4<f32>, 8>;
+        for (var d0 = quarter; d0 < hd4; d0 += 4u * KW) {
+            var kw: array<vec4<f32>, 4 * KW>;
             for (var g = 0u; g < 4u; g++) {
                 let kb = (row0 + min(tile + g * 16u + lid / 4u, k1 - 1u)) * hd4;
-                kw[2u * g] = kv_unpack(k_cache[kb + d0]);
-                kw[2u * g + 1u] = kv_unpack(k_cache[kb + min(d0 + 4u, hd4 - 1u)]);
+                for (var e = 0u; e < KW; e++) {
+                    kw[g * KW + e] = kv_unpack(k_cache[kb + min(d0 + 4u * e, hd4 - 1u)]);
+                }
             }
-            let d1 = min(d0 + 4u, 63u);
-            let w1 = select(0.0, 1.0, d0 + 4u < hd4);
             for (var g = 0u; g < 4u; g++) {
-                let a = kw[2u * g];
-                let b = kw[2u * g + 1u] * w1;
-                acc[g] += vec4<f32>(
-                    dot(q_sh[d0], a) + dot(q_sh[d1], b),
-                    dot(q_sh[64u + d0], a) + dot(q_sh[64u + d1], b),
-                    dot(q_sh[128u + d0], a) + dot(q_sh[128u + d1], b),
-                    dot(q_sh[192u + d0], a) + dot(q_sh[192u + d1], b));
+                for (var e = 0u; e < KW; e++) {
+                    let d = d0 + 4u * e;
+                    let k = select(vec4<f32>(0.0), kw[g * KW + e], d < hd4);
+                    let dc = min(d, 63u);
+                    acc[g] += vec4<f32>(dot(q_sh[dc], k), dot(q_sh[64u + dc], k), dot(q_sh[128u + dc], k), dot(q_sh[192u + dc], k));
+                }
             }
         }
         for (var g = 0u; g < 4u; g++) {
@@ -184,12 +186,12 @@ fn main(
         if (kg < n_kg) {
             let n = min(WG, k1 - tile);
             let vb = (row0 + tile) * hd4 + dg;
-            for (var j0 = kg; j0 < n; j0 += 8u * n_kg) {
-                var vw: array<vec4<f32>, 8>;
-                for (var u = 0u; u < 8u; u++) {
+            for (var j0 = kg; j0 < n; j0 += VB * n_kg) {
+                var vw: array<vec4<f32>, VB>;
+                for (var u = 0u; u < VB; u++) {
                     vw[u] = kv_unpack(v_cache[vb + min(j0 + u * n_kg, n - 1u) * hd4]);
                 }
-                for (var u = 0u; u < 8u; u++) {
+                for (var u = 0u; u < VB; u++) {
                     let jj = j0 + u * n_kg;
                     let pw = select(vec4<f32>(0.0), p_sh[min(jj, WG - 1u)], jj < n);
                     o[0] += pw.x * vw[u];
