@@ -15,29 +15,7 @@
 // four (hd/4 invocations) times 64/(hd/4) groups of keys, summed at the end through
 // workgroup memory.
 
-struct Params {
-    n_heads: u32,
-    n_kv: u32,
-    hd: u32,
-    max_ctx: u32,
-    n_splits: u32,
-    scale: f32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> state: array<u32>;
-@group(0) @binding(2) var<storage, read> q: array<f32>;
-@group(0) @binding(3) var<storage, read> k_cache: array<KvWord>;
-@group(0) @binding(4) var<storage, read> v_cache: array<KvWord>;
-// [t][h][s][hd + 2]: o[0..hd], m, l
-@group(0) @binding(5) var<storage, read_write> part: array<f32>;
-
-const WG: u32 = 64u;
-const NEG: f32 = -1e30;
-// Loads issued per round before any is used: KW words of each of an invocation's four keys,
-// VB keys' values.
-const KW: u32 = 4u;
-const VB: u32 = 16u;
+// Parameters, bindings and the shared helpers: attend_common.wgsl.
 
 var<workgroup> q_sh: array<vec4<f32>, 64>;
 var<workgroup> p_sh: array<f32, 64>;
@@ -62,16 +40,10 @@ fn main(
     let s = wid.y;
     let t = wid.z;
     if (t >= state[1]) { return; }
-    let pos = state[0] + t;
-    let n_keys = pos + 1u;
-    // Splits in use: at least one tile of keys each, so short contexts spread over as many
-    // workgroups as they have tiles instead of leaving most splits empty (attn_merge computes
-    // the same count).
-    let used = min(p.n_splits, (n_keys + WG - 1u) / WG);
-    if (s >= used) { return; }
-    let chunk = (n_keys + used - 1u) / used;
-    let k0 = min(s * chunk, n_keys);
-    let k1 = min(k0 + chunk, n_keys);
+    let range = split_keys(s, t);
+    if (range.x >= range.y) { return; }
+    let k0 = range.x;
+    let k1 = range.y;
     let kh = h / (p.n_heads / p.n_kv);
     let hd4 = p.hd / 4u;
     let q_base = (t * p.n_heads + h) * p.hd;
@@ -92,18 +64,10 @@ fn main(
     for (var tile = k0; tile < k1; tile += WG) {
         // Keys past k1 read key k1 - 1 (valid) and are masked below.
         let quarter = lid % 4u;
-        // The invocation's four keys (one per 16-key pass), KW words of each per round, all
-        // loaded before any is used (loops with constant bounds unroll; a loop over the head
-        // dimension waited for each load in turn).
+        // The invocation's four keys (one per 16-key pass), KW words of each per round.
         var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
         for (var d0 = quarter; d0 < hd4; d0 += 4u * KW) {
-            var kw: array<vec4<f32>, 4 * KW>;
-            for (var g = 0u; g < 4u; g++) {
-                let kb = (row0 + min(tile + g * 16u + lid / 4u, k1 - 1u)) * hd4;
-                for (var e = 0u; e < KW; e++) {
-                    kw[g * KW + e] = kv_unpack(k_cache[kb + min(d0 + 4u * e, hd4 - 1u)]);
-                }
-            }
+            let kw = key_words(row0, tile, k1, lid, d0, hd4);
             for (var g = 0u; g < 4u; g++) {
                 for (var e = 0u; e < KW; e++) {
                     let d = d0 + 4u * e;
@@ -132,13 +96,9 @@ fn main(
         if (kg < n_kg) {
             let n = min(WG, k1 - tile);
             let vb = (row0 + tile) * hd4 + dg;
-            // VB keys' values per round, all loaded before use (keys past n read key n - 1
-            // and weigh 0).
+            // VB keys' values per round (those past n weigh 0).
             for (var j0 = kg; j0 < n; j0 += VB * n_kg) {
-                var vw: array<vec4<f32>, VB>;
-                for (var u = 0u; u < VB; u++) {
-                    vw[u] = kv_unpack(v_cache[vb + min(j0 + u * n_kg, n - 1u) * hd4]);
-                }
+                let vw = value_words(vb, j0, n_kg, n, hd4);
                 for (var u = 0u; u < VB; u++) {
                     let jj = j0 + u * n_kg;
                     o += select(0.0, p_sh[min(jj, WG - 1u)], jj < n) * vw[u];

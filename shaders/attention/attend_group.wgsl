@@ -12,29 +12,9 @@
 // keys at a time, the four partial dots meeting in workgroup memory), then weighted values
 // with the head dimension in groups of four times 64/(hd/4) groups of keys.
 
-struct Params {
-    n_heads: u32,
-    n_kv: u32,
-    hd: u32,
-    max_ctx: u32,
-    n_splits: u32,
-    scale: f32,
-}
+// Parameters, bindings and the shared helpers: attend_common.wgsl; workgroup max / sum of
+// vec4s: reduce.wgsl.
 
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> state: array<u32>;
-@group(0) @binding(2) var<storage, read> q: array<f32>;
-@group(0) @binding(3) var<storage, read> k_cache: array<KvWord>;
-@group(0) @binding(4) var<storage, read> v_cache: array<KvWord>;
-// [t][h][s][hd + 2]: o[0..hd], m, l
-@group(0) @binding(5) var<storage, read_write> part: array<f32>;
-
-const WG: u32 = 64u;
-const NEG: f32 = -1e30;
-// Loads issued per round before any is used: KW words of each of an invocation's four keys,
-// VB keys' values.
-const KW: u32 = 4u;
-const VB: u32 = 16u;
 // Query heads per workgroup, one per vec4 component.
 const HPW: u32 = 4u;
 
@@ -44,52 +24,6 @@ var<workgroup> q_sh: array<vec4<f32>, 256>;
 // the key groups [head][invocation].
 var<workgroup> s_sh: array<vec4<f32>, 256>;
 var<workgroup> p_sh: array<vec4<f32>, 64>;
-var<workgroup> red4: array<vec4<f32>, 64>;
-
-// Workgroup max / sum of one vec4 per invocation (every invocation calls them: barriers).
-fn wg_max4(v: vec4<f32>, lid: u32, sgs: u32, sgl: u32) -> vec4<f32> {
-#if SUBGROUPS
-    let s = subgroupMax(v);
-    if (sgl == 0u) { red4[lid / sgs] = s; }
-    workgroupBarrier();
-    var t = red4[0];
-    for (var i = 1u; i < WG / sgs; i++) { t = max(t, red4[i]); }
-    workgroupBarrier();
-    return t;
-#else
-    red4[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) { red4[lid] = max(red4[lid], red4[lid + s]); }
-        workgroupBarrier();
-    }
-    let t = red4[0];
-    workgroupBarrier();
-    return t;
-#endif
-}
-
-fn wg_sum4(v: vec4<f32>, lid: u32, sgs: u32, sgl: u32) -> vec4<f32> {
-#if SUBGROUPS
-    let s = subgroupAdd(v);
-    if (sgl == 0u) { red4[lid / sgs] = s; }
-    workgroupBarrier();
-    var t = vec4<f32>(0.0);
-    for (var i = 0u; i < WG / sgs; i++) { t += red4[i]; }
-    workgroupBarrier();
-    return t;
-#else
-    red4[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) { red4[lid] += red4[lid + s]; }
-        workgroupBarrier();
-    }
-    let t = red4[0];
-    workgroupBarrier();
-    return t;
-#endif
-}
 
 @compute @workgroup_size(64)
 fn main(
@@ -108,16 +42,10 @@ fn main(
     let s = wid.y;
     let t = wid.z;
     if (t >= state[1]) { return; }
-    let pos = state[0] + t;
-    let n_keys = pos + 1u;
-    // Splits in use: at least one tile of keys each, so short contexts spread over as many
-    // workgroups as they have tiles instead of leaving most splits empty (attn_merge computes
-    // the same count).
-    let used = min(p.n_splits, (n_keys + WG - 1u) / WG);
-    if (s >= used) { return; }
-    let chunk = (n_keys + used - 1u) / used;
-    let k0 = min(s * chunk, n_keys);
-    let k1 = min(k0 + chunk, n_keys);
+    let range = split_keys(s, t);
+    if (range.x >= range.y) { return; }
+    let k0 = range.x;
+    let k1 = range.y;
     // This workgroup's query heads: h0 .. h0 + nh, all of KV head kh.
     let n_hg = (group + HPW - 1u) / HPW;
     let kh = wid.x / n_hg;
@@ -147,16 +75,9 @@ fn main(
     for (var tile = k0; tile < k1; tile += WG) {
         // Keys past k1 read key k1 - 1 (valid) and are masked below.
         let quarter = lid % 4u;
-        // As in attend.wgsl: all of a round's loads issued before any is used.
         var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
         for (var d0 = quarter; d0 < hd4; d0 += 4u * KW) {
-            var kw: array<vec4<f32>, 4 * KW>;
-            for (var g = 0u; g < 4u; g++) {
-                let kb = (row0 + min(tile + g * 16u + lid / 4u, k1 - 1u)) * hd4;
-                for (var e = 0u; e < KW; e++) {
-                    kw[g * KW + e] = kv_unpack(k_cache[kb + min(d0 + 4u * e, hd4 - 1u)]);
-                }
-            }
+            let kw = key_words(row0, tile, k1, lid, d0, hd4);
             for (var g = 0u; g < 4u; g++) {
                 for (var e = 0u; e < KW; e++) {
                     let d = d0 + 4u * e;
@@ -176,10 +97,10 @@ fn main(
             let b = lid * 4u;
             score = (s_sh[b] + s_sh[b + 1u]) + (s_sh[b + 2u] + s_sh[b + 3u]);
         }
-        let m_new = max(m, wg_max4(score, lid, sgs, sgl));
+        let m_new = max(m, wg_max4(score, lid, WG, sgs, sgl));
         let pj = select(vec4<f32>(0.0), exp(score - m_new), j < k1);
         let corr = exp(m - m_new);
-        l = l * corr + wg_sum4(pj, lid, sgs, sgl);
+        l = l * corr + wg_sum4(pj, lid, WG, sgs, sgl);
         p_sh[lid] = pj;
         workgroupBarrier();
         for (var i = 0u; i < HPW; i++) { o[i] *= corr[i]; }
@@ -187,10 +108,7 @@ fn main(
             let n = min(WG, k1 - tile);
             let vb = (row0 + tile) * hd4 + dg;
             for (var j0 = kg; j0 < n; j0 += VB * n_kg) {
-                var vw: array<vec4<f32>, VB>;
-                for (var u = 0u; u < VB; u++) {
-                    vw[u] = kv_unpack(v_cache[vb + min(j0 + u * n_kg, n - 1u) * hd4]);
-                }
+                let vw = value_words(vb, j0, n_kg, n, hd4);
                 for (var u = 0u; u < VB; u++) {
                     let jj = j0 + u * n_kg;
                     let pw = select(vec4<f32>(0.0), p_sh[min(jj, WG - 1u)], jj < n);

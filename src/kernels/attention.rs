@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 const KV_WGSL: &str = include_str!("../../shaders/attention/kv_store.wgsl");
 const ROPE_WGSL: &str = include_str!("../../shaders/attention/rope_kv.wgsl");
+const ATTEND_COMMON_WGSL: &str = include_str!("../../shaders/attention/attend_common.wgsl");
 const ATTEND_WGSL: &str = include_str!("../../shaders/attention/attend.wgsl");
 const ATTEND_GROUP_WGSL: &str = include_str!("../../shaders/attention/attend_group.wgsl");
 const MERGE_WGSL: &str = include_str!("../../shaders/attention/attn_merge.wgsl");
@@ -114,8 +115,16 @@ impl AttentionKernels {
         let f = gpu.flags();
         Ok(AttentionKernels {
             rope: gpu.pipeline(&PipelineKey::new("rope_kv", &[KV_WGSL, ROPE_WGSL], f))?,
-            attend: gpu.pipeline(&PipelineKey::new("attend", &[REDUCE_WGSL, KV_WGSL, ATTEND_WGSL], f))?,
-            attend_group: gpu.pipeline(&PipelineKey::new("attend_group", &[KV_WGSL, ATTEND_GROUP_WGSL], f))?,
+            attend: gpu.pipeline(&PipelineKey::new(
+                "attend",
+                &[REDUCE_WGSL, KV_WGSL, ATTEND_COMMON_WGSL, ATTEND_WGSL],
+                f,
+            ))?,
+            attend_group: gpu.pipeline(&PipelineKey::new(
+                "attend_group",
+                &[REDUCE_WGSL, KV_WGSL, ATTEND_COMMON_WGSL, ATTEND_GROUP_WGSL],
+                f,
+            ))?,
             merge: gpu.pipeline(&PipelineKey::new("attn_merge", &[MERGE_WGSL], f))?,
         })
     }
