@@ -207,14 +207,27 @@ fn attention(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result
         let part = gpu.storage("part", a.partial_floats(n as u32, splits) * 4)?;
         let o = gpu.storage("o", (n * nh * hd) as u64 * 4)?;
         let state: GpuBuffer = gpu.upload("state", &[pos as u32, n as u32, 0, 0])?;
-        let list = [
-            (k.bind_rope_kv(gpu, a, &state, &rope, &qkvb, &q, &kb, &vb), AttentionKernels::rope_groups(a, n as u32)),
-            (
-                k.bind_attend(gpu, a, splits, &state, &q, &kb, &vb, &part, kind),
-                AttentionKernels::attend_groups(a, splits, n as u32, kind),
-            ),
-            (k.bind_merge(gpu, a, splits, &state, &part, &o), AttentionKernels::merge_groups(a, n as u32)),
-        ];
+        // Decode runs the kernels that rotate and append the new key themselves; prefill
+        // rope_kv first.
+        let attend = if n == 1 {
+            vec![(
+                k.bind_attend_new_kv(gpu, a, splits, &state, &rope, &qkvb, &kb, &vb, &part, kind),
+                AttentionKernels::attend_groups(a, splits, 1, kind),
+            )]
+        } else {
+            vec![
+                (
+                    k.bind_rope_kv(gpu, a, &state, &rope, &qkvb, &q, &kb, &vb),
+                    AttentionKernels::rope_groups(a, n as u32),
+                ),
+                (
+                    k.bind_attend(gpu, a, splits, &state, &q, &kb, &vb, &part, kind),
+                    AttentionKernels::attend_groups(a, splits, n as u32, kind),
+                ),
+            ]
+        };
+        let merge = (k.bind_merge(gpu, a, splits, &state, &part, &o), AttentionKernels::merge_groups(a, n as u32));
+        let list: Vec<_> = attend.into_iter().chain([merge]).collect();
         run(gpu, &list)?;
         let case = format!("{}/attention_{mode}{suffix}", sh.name);
         let f16s = |v: &[f16]| bytemuck::cast_slice::<f16, u8>(v).to_vec();

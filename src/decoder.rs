@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuBuffer};
 use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use crate::kernels::embedding::Embedding;
-use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, OutRows, MATMUL_TILE_T};
+use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, MergeInput, OutRows, MATMUL_TILE_T};
 use crate::kernels::rms_norm::RmsNorm;
 use crate::kernels::sampling::SamplingKernels;
 use crate::kernels::Bound;
@@ -454,12 +454,16 @@ impl Decoder {
                 }
                 offset += m.rows;
             }
-            push(
-                &mut steps,
-                "rope_kv",
-                k.attn.bind_rope_kv(gpu, sh, &b.state, &b.rope, &b.qkv, &b.q, &b.k_cache[i], &b.v_cache[i]),
-                Box::new(move |s| AttentionKernels::rope_groups(sh, s.n)),
-            );
+            // Prefill rotates the chunk's queries and keys and appends its keys and values in
+            // a dispatch of its own; decode steps (one token) do that inside attention.
+            if prefill {
+                push(
+                    &mut steps,
+                    "rope_kv",
+                    k.attn.bind_rope_kv(gpu, sh, &b.state, &b.rope, &b.qkv, &b.q, &b.k_cache[i], &b.v_cache[i]),
+                    Box::new(move |s| AttentionKernels::rope_groups(sh, s.n)),
+                );
+            }
             // Prefill uses one attention kernel; decode both, each recorded only for the
             // steps whose key count it suits (AttentionKernels::decode_kind).
             let kinds = if prefill {
@@ -470,8 +474,12 @@ impl Decoder {
                 vec![AttendKind::PerHead]
             };
             for kind in kinds {
-                let bound =
-                    k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, &b.k_cache[i], &b.v_cache[i], &b.part, kind);
+                let (kc, vc) = (&b.k_cache[i], &b.v_cache[i]);
+                let bound = if prefill {
+                    k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, kc, vc, &b.part, kind)
+                } else {
+                    k.attn.bind_attend_new_kv(gpu, sh, splits, &b.state, &b.rope, &b.qkv, kc, vc, &b.part, kind)
+                };
                 let groups: GroupsFn = if prefill {
                     Box::new(move |s| AttentionKernels::attend_groups(sh, splits, s.n, kind))
                 } else {
@@ -485,13 +493,30 @@ impl Decoder {
                 };
                 push(&mut steps, "attend", bound, groups);
             }
+            // Decode steps over few splits merge them inside the Wo product instead (each of
+            // its workgroups merges all the partials: cheaper than a dispatch only while they
+            // are few); the merge dispatch and the plain product skip those steps.
+            let merge_input = MergeInput { n_heads: sh.n_heads, head_dim: sh.head_dim, splits };
+            let merge_in_o = !prefill && MatVec::merge_fits(merge_input) && l.o.cols == hidden_attn(sh);
+            let in_o =
+                move |s: Step| merge_in_o && AttentionKernels::used_splits(splits, s.keys) <= MatVec::MERGE_SPLITS;
             push(
                 &mut steps,
                 "merge",
                 k.attn.bind_merge(gpu, sh, splits, &b.state, &b.part, &b.attn),
-                Box::new(move |s| AttentionKernels::merge_groups(sh, s.n)),
+                Box::new(move |s| if in_o(s) { [0, 0, 0] } else { AttentionKernels::merge_groups(sh, s.n) }),
             );
-            matmul(&mut steps, "o", &l.o, &b.attn, &b.x, true)?;
+            if merge_in_o {
+                let mv = MatVec::with_merge(gpu, l.o.dtype, merge_input)?;
+                for (bound, g) in mv.bind_merge_add(gpu, &l.o, &b.part, &b.state, &b.x)? {
+                    push(&mut steps, "merge_o", bound, Box::new(move |s| if in_o(s) { g } else { [0, 0, 0] }));
+                }
+                for (bound, g) in k.mat(&l.o).mv_add.bind(gpu, &l.o, &b.attn, 0, &b.x, 1)? {
+                    push(&mut steps, "o", bound, Box::new(move |s| if in_o(s) { [0, 0, 0] } else { g }));
+                }
+            } else {
+                matmul(&mut steps, "o", &l.o, &b.attn, &b.x, true)?;
+            }
             // Feed-forward block: x += Wdown · (silu(Wgate·n(x)) * Wup·n(x)), the norm fused
             // into the gate/up product when decoding.
             let mk = k.mat(&l.gate);
@@ -536,6 +561,11 @@ impl Decoder {
         );
         Ok((steps, layers_len))
     }
+}
+
+/// Columns of the attention output (Wo's input).
+fn hidden_attn(sh: AttnShape) -> usize {
+    (sh.n_heads * sh.head_dim) as usize
 }
 
 /// Records `dispatches` for `step` into one compute pass.

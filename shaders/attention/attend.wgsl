@@ -46,12 +46,17 @@ fn main(
     let k1 = range.y;
     let kh = h / (p.n_heads / p.n_kv);
     let hd4 = p.hd / 4u;
-    let q_base = (t * p.n_heads + h) * p.hd;
+    let pos = state[0] + t;
     if (lid < hd4) {
-        let b = q_base + lid * 4u;
-        q_sh[lid] = vec4<f32>(q[b], q[b + 1u], q[b + 2u], q[b + 3u]) * p.scale;
+        q_sh[lid] = query4(t, h, lid, pos) * p.scale;
     }
     workgroupBarrier();
+#if NEW_KV
+    // The cache holds keys before pos; the new one is added after the tiles.
+    let kc = min(k1, pos);
+#else
+    let kc = k1;
+#endif
 
     let row0 = kh * p.max_ctx;
     // Value phase layout: invocation = key group * hd4 + dim group.
@@ -61,13 +66,13 @@ fn main(
     var m = NEG;
     var l = 0.0;
     var o = vec4<f32>(0.0);
-    for (var tile = k0; tile < k1; tile += WG) {
-        // Keys past k1 read key k1 - 1 (valid) and are masked below.
+    for (var tile = k0; tile < kc; tile += WG) {
+        // Keys past kc read key kc - 1 (valid) and are masked below.
         let quarter = lid % 4u;
         // The invocation's four keys (one per 16-key pass), KW words of each per round.
         var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
         for (var d0 = quarter; d0 < hd4; d0 += 4u * KW) {
-            let kw = key_words(row0, tile, k1, lid, d0, hd4);
+            let kw = key_words(row0, tile, kc, lid, d0, hd4);
             for (var g = 0u; g < 4u; g++) {
                 for (var e = 0u; e < KW; e++) {
                     let d = d0 + 4u * e;
@@ -81,20 +86,20 @@ fn main(
         workgroupBarrier();
         let j = tile + lid;
         var score = NEG;
-        if (j < k1) {
+        if (j < kc) {
             let b = lid * 4u;
             score = (s_sh[b] + s_sh[b + 1u]) + (s_sh[b + 2u] + s_sh[b + 3u]);
         }
         let m_new = max(m, wg_max(score, lid, WG, sgs, sgl));
         var pj = 0.0;
-        if (j < k1) { pj = exp(score - m_new); }
+        if (j < kc) { pj = exp(score - m_new); }
         let corr = exp(m - m_new);
         l = l * corr + wg_sum(pj, lid, WG, sgs, sgl);
         p_sh[lid] = pj;
         workgroupBarrier();
         o = o * corr;
         if (kg < n_kg) {
-            let n = min(WG, k1 - tile);
+            let n = min(WG, kc - tile);
             let vb = (row0 + tile) * hd4 + dg;
             // VB keys' values per round (those past n weigh 0).
             for (var j0 = kg; j0 < n; j0 += VB * n_kg) {
@@ -108,6 +113,23 @@ fn main(
         m = m_new;
         workgroupBarrier();
     }
+#if NEW_KV
+    if (k1 > pos) {
+        // The new key and value (this split is the last one).
+        var qk = 0.0;
+        if (lid < hd4) { qk = dot(q_sh[lid], new_key4(t, kh, lid, pos)); }
+        let score = wg_sum(qk, lid, WG, sgs, sgl);
+        let m_new = max(m, score);
+        let corr = exp(m - m_new);
+        let pj = exp(score - m_new);
+        l = l * corr + pj;
+        o = o * corr;
+        if (kg == 0u) { o += pj * new_value4(t, kh, dg); }
+        m = m_new;
+        // One query head per KV head stores the new row (hd / 4 words).
+        if (h % (p.n_heads / p.n_kv) == 0u && lid < hd4 && pos < p.max_ctx) { store_new_kv(t, kh, lid, pos); }
+    }
+#endif
     o_sh[lid] = o;
     workgroupBarrier();
     let out = ((t * p.n_heads + h) * p.n_splits + s) * (p.hd + 2u);

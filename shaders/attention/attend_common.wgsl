@@ -14,11 +14,25 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 // state[0]: position of the step's first token, state[1]: tokens in the step.
 @group(0) @binding(1) var<storage, read> state: array<u32>;
+// [t][h][s][hd + 2]: o[0..hd], m, l
+@group(0) @binding(5) var<storage, read_write> part: array<f32>;
+#if NEW_KV
+// Decode with the rotary embedding and the cache append fused in (no rope_kv dispatch): the
+// step's one token arrives as the QKV product's row [q heads | k heads | v heads]. Every
+// workgroup rotates its queries itself; the new key and value are rotated and rounded where
+// they are used, never read back from the cache, and one workgroup per KV head stores them,
+// so no workgroup reads a cache row that another writes in the same dispatch.
+@group(0) @binding(2) var<storage, read> qkv: array<f32>;
+@group(0) @binding(3) var<storage, read_write> k_cache: array<KvWord>;
+@group(0) @binding(4) var<storage, read_write> v_cache: array<KvWord>;
+// cos and sin of position * inverse frequency, [max_ctx][hd / 2] (as rope_kv.wgsl).
+@group(0) @binding(6) var<storage, read> rope: array<vec2<f32>>;
+#else
+// Rotated queries [t][h][hd] (rope_kv.wgsl wrote them and the step's keys and values).
 @group(0) @binding(2) var<storage, read> q: array<f32>;
 @group(0) @binding(3) var<storage, read> k_cache: array<KvWord>;
 @group(0) @binding(4) var<storage, read> v_cache: array<KvWord>;
-// [t][h][s][hd + 2]: o[0..hd], m, l
-@group(0) @binding(5) var<storage, read_write> part: array<f32>;
+#endif
 
 const WG: u32 = 64u;
 const NEG: f32 = -1e30;
@@ -63,3 +77,60 @@ fn value_words(vb: u32, j0: u32, stride: u32, n: u32, hd4: u32) -> array<vec4<f3
     }
     return vw;
 }
+
+#if NEW_KV
+fn qkv4(b: u32) -> vec4<f32> {
+    return vec4<f32>(qkv[b], qkv[b + 1u], qkv[b + 2u], qkv[b + 3u]);
+}
+
+// Start of head `head` in token t's QKV row (q heads first, then k, then v).
+fn qkv_head(t: u32, head: u32) -> u32 {
+    return (t * (p.n_heads + 2u * p.n_kv) + head) * p.hd;
+}
+
+// Word w (< hd / 4) of head `head` of token t's QKV row, rotated rotate-half style for
+// position pos: element i pairs with i + hd / 2 (hd % 8 == 0, so a word never straddles the
+// halves).
+fn rotated4(t: u32, head: u32, w: u32, pos: u32) -> vec4<f32> {
+    let half4 = p.hd / 8u;
+    let i = (w % half4) * 4u;
+    let src = qkv_head(t, head);
+    let x0 = qkv4(src + i);
+    let x1 = qkv4(src + i + p.hd / 2u);
+    let b = pos * (p.hd / 2u) + i;
+    let cs0 = rope[b];
+    let cs1 = rope[b + 1u];
+    let cs2 = rope[b + 2u];
+    let cs3 = rope[b + 3u];
+    let c = vec4<f32>(cs0.x, cs1.x, cs2.x, cs3.x);
+    let s = vec4<f32>(cs0.y, cs1.y, cs2.y, cs3.y);
+    if (w < half4) { return x0 * c - x1 * s; }
+    return x1 * c + x0 * s;
+}
+
+// Word w of query head h of the step's token (at pos), unscaled.
+fn query4(t: u32, h: u32, w: u32, pos: u32) -> vec4<f32> {
+    return rotated4(t, h, w, pos);
+}
+
+// Word w of token t's new key / value of KV head kh, as the cache holds them (f16).
+fn new_key4(t: u32, kh: u32, w: u32, pos: u32) -> vec4<f32> {
+    return kv_unpack(kv_pack(rotated4(t, p.n_heads + kh, w, pos)));
+}
+fn new_value4(t: u32, kh: u32, w: u32) -> vec4<f32> {
+    return kv_unpack(kv_pack(qkv4(qkv_head(t, p.n_heads + p.n_kv + kh) + w * 4u)));
+}
+
+// Appends word w of token t's new key and value of KV head kh at pos (one workgroup per KV
+// head calls this).
+fn store_new_kv(t: u32, kh: u32, w: u32, pos: u32) {
+    let row = (kh * p.max_ctx + pos) * (p.hd / 4u);
+    k_cache[row + w] = kv_pack(rotated4(t, p.n_heads + kh, w, pos));
+    v_cache[row + w] = kv_pack(qkv4(qkv_head(t, p.n_heads + p.n_kv + kh) + w * 4u));
+}
+#else
+fn query4(t: u32, h: u32, w: u32, pos: u32) -> vec4<f32> {
+    let b = (t * p.n_heads + h) * p.hd + w * 4u;
+    return vec4<f32>(q[b], q[b + 1u], q[b + 2u], q[b + 3u]);
+}
+#endif

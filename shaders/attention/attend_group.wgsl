@@ -52,17 +52,23 @@ fn main(
     let h0 = kh * group + (wid.x % n_hg) * HPW;
     let nh = min(HPW, (kh + 1u) * group - h0);
     let hd4 = p.hd / 4u;
+    let pos = state[0] + t;
     for (var i = lid; i < HPW * 64u; i += WG) {
         let hi = i / 64u;
         let d = i % 64u;
         var v = vec4<f32>(0.0);
         if (hi < nh && d < hd4) {
-            let b = (t * p.n_heads + h0 + hi) * p.hd + d * 4u;
-            v = vec4<f32>(q[b], q[b + 1u], q[b + 2u], q[b + 3u]) * p.scale;
+            v = query4(t, h0 + hi, d, pos) * p.scale;
         }
         q_sh[i] = v;
     }
     workgroupBarrier();
+#if NEW_KV
+    // The cache holds keys before pos; the new one is added after the tiles.
+    let kc = min(k1, pos);
+#else
+    let kc = k1;
+#endif
 
     let row0 = kh * p.max_ctx;
     // Value phase layout: invocation = key group * hd4 + dim group.
@@ -72,12 +78,12 @@ fn main(
     var m = vec4<f32>(NEG);
     var l = vec4<f32>(0.0);
     var o = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var tile = k0; tile < k1; tile += WG) {
-        // Keys past k1 read key k1 - 1 (valid) and are masked below.
+    for (var tile = k0; tile < kc; tile += WG) {
+        // Keys past kc read key kc - 1 (valid) and are masked below.
         let quarter = lid % 4u;
         var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
         for (var d0 = quarter; d0 < hd4; d0 += 4u * KW) {
-            let kw = key_words(row0, tile, k1, lid, d0, hd4);
+            let kw = key_words(row0, tile, kc, lid, d0, hd4);
             for (var g = 0u; g < 4u; g++) {
                 for (var e = 0u; e < KW; e++) {
                     let d = d0 + 4u * e;
@@ -93,19 +99,19 @@ fn main(
         workgroupBarrier();
         let j = tile + lid;
         var score = vec4<f32>(NEG);
-        if (j < k1) {
+        if (j < kc) {
             let b = lid * 4u;
             score = (s_sh[b] + s_sh[b + 1u]) + (s_sh[b + 2u] + s_sh[b + 3u]);
         }
         let m_new = max(m, wg_max4(score, lid, WG, sgs, sgl));
-        let pj = select(vec4<f32>(0.0), exp(score - m_new), j < k1);
+        let pj = select(vec4<f32>(0.0), exp(score - m_new), j < kc);
         let corr = exp(m - m_new);
         l = l * corr + wg_sum4(pj, lid, WG, sgs, sgl);
         p_sh[lid] = pj;
         workgroupBarrier();
         for (var i = 0u; i < HPW; i++) { o[i] *= corr[i]; }
         if (kg < n_kg) {
-            let n = min(WG, k1 - tile);
+            let n = min(WG, kc - tile);
             let vb = (row0 + tile) * hd4 + dg;
             for (var j0 = kg; j0 < n; j0 += VB * n_kg) {
                 let vw = value_words(vb, j0, n_kg, n, hd4);
@@ -122,6 +128,29 @@ fn main(
         m = m_new;
         workgroupBarrier();
     }
+#if NEW_KV
+    if (k1 > pos) {
+        // The new key and value (this split is the last one).
+        var qk = vec4<f32>(0.0);
+        if (lid < hd4) {
+            let k = new_key4(t, kh, lid, pos);
+            qk = vec4<f32>(dot(q_sh[lid], k), dot(q_sh[64u + lid], k), dot(q_sh[128u + lid], k), dot(q_sh[192u + lid], k));
+        }
+        let score = wg_sum4(qk, lid, WG, sgs, sgl);
+        let m_new = max(m, score);
+        let corr = exp(m - m_new);
+        let pj = exp(score - m_new);
+        l = l * corr + pj;
+        for (var i = 0u; i < HPW; i++) { o[i] *= corr[i]; }
+        if (kg == 0u) {
+            let v = new_value4(t, kh, dg);
+            for (var i = 0u; i < HPW; i++) { o[i] += pj[i] * v; }
+        }
+        m = m_new;
+        // The first head group of each KV head stores the new row (hd / 4 words).
+        if (wid.x % n_hg == 0u && lid < hd4 && pos < p.max_ctx) { store_new_kv(t, kh, lid, pos); }
+    }
+#endif
     for (var i = 0u; i < HPW; i++) { s_sh[i * 64u + lid] = o[i]; }
     workgroupBarrier();
     if (lid < hd4) {

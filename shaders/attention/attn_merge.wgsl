@@ -1,7 +1,18 @@
 // Merges the partials of the splits in use for each (query, head) into the attention output:
 // M = max m_s, L = sum l_s e^(m_s - M), out = sum o_s e^(m_s - M) / L.
-// The per-split weights e^(m_s - M) / L go to workgroup memory first, so the output loop is
-// branch-free and its loads independent of one another (no load waits on a loaded test).
+//
+// Decoding at a long context has one query but up to 64 splits per head; one workgroup per
+// head looping over them was latency-bound (32 workgroups for 32 heads, 8 dependent rounds
+// of loads per invocation: ~11.6 us per layer on an H100). So the work is spread two ways:
+// - a workgroup makes a slice of LANES output values of one head (lane = value): a head of
+//   128 values gets 4 workgroups (AttentionKernels::merge_groups);
+// - in it, GROUPS groups of LANES invocations each merge their own splits (group g takes
+//   g, g + GROUPS, ..., PER of them), then group 0 merges the GROUPS results, the same
+//   way, from workgroup memory.
+// With GROUPS = PER = 8, 64 splits cost each invocation one round of 8 independent loads
+// of o (plus the splits' m and l, one address for the whole group: broadcasts). Partials of
+// one split (prefill) use GROUPS = PER = 1, so that no group idles. Both are pipeline
+// constants; GROUPS * PER >= n_splits.
 
 struct Params {
     n_heads: u32,
@@ -17,55 +28,77 @@ struct Params {
 
 // Keys per attend tile: attend.wgsl uses at most one split per tile.
 const TILE: u32 = 64u;
-// At most this many splits (AttentionKernels::MAX_SPLITS).
-var<workgroup> m_sh: array<f32, 64>;
-var<workgroup> l_sh: array<f32, 64>;
-var<workgroup> w_sh: array<f32, 64>;
+// Output values per workgroup, one per lane: a group of 32 loads 128 contiguous bytes.
+const LANES: u32 = 32u;
+override GROUPS: u32 = 8u;
+override PER: u32 = 8u;
+// Upper bounds of GROUPS and PER (sizes of the arrays below).
+const MAX_GROUPS: u32 = 8u;
+const MAX_PER: u32 = 8u;
 
-// Splits whose output values each invocation loads at once: independent loads overlap
-// instead of each waiting for the last (a plain loop over 16 splits cost ~10 us on an H200).
-const BATCH: u32 = 8u;
+var<workgroup> o_sh: array<f32, 256>; // MAX_GROUPS * LANES
+var<workgroup> m_sh: array<f32, MAX_GROUPS>;
+var<workgroup> l_sh: array<f32, MAX_GROUPS>;
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(LANES * GROUPS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let h = wid.x;
-    let t = wid.y;
+    let h = wid.y;
+    let t = wid.z;
     if (t >= state[1]) { return; }
     let n_keys = state[0] + t + 1u;
     let used = min(p.n_splits, (n_keys + TILE - 1u) / TILE);
     let stride = p.hd + 2u;
     let base = (t * p.n_heads + h) * p.n_splits * stride;
-    if (lid < used) {
-        m_sh[lid] = part[base + lid * stride + p.hd];
-        l_sh[lid] = part[base + lid * stride + p.hd + 1u];
+    let lane = lid % LANES;
+    let g = lid / LANES;
+    let d = wid.x * LANES + lane;
+    // Lanes past hd (hd not a multiple of LANES) read a valid value and store nothing.
+    let dc = min(d, p.hd - 1u);
+
+    // All loads first, none depending on another, so that they overlap (a loop loading one
+    // split at a time waits for each in turn). Splits past `used` read split used - 1
+    // (finite) and weigh 0, so the loop has a fixed count and needs no branches.
+    var o: array<f32, MAX_PER>;
+    var m: array<f32, MAX_PER>;
+    var l: array<f32, MAX_PER>;
+    for (var j = 0u; j < PER; j++) {
+        let at = base + min(g + j * GROUPS, used - 1u) * stride;
+        o[j] = part[at + dc];
+        m[j] = part[at + p.hd];
+        l[j] = part[at + p.hd + 1u];
     }
-    workgroupBarrier();
-    // Every invocation reduces the (at most 64) values itself: broadcast reads, no barriers.
+    // Splits not in use or without keys (l == 0) are ignored. A group with none of either
+    // leaves l = 0, and group 0 ignores it in turn.
     var mx = -3.0e38;
-    for (var s = 0u; s < used; s++) {
-        if (l_sh[s] > 0.0) { mx = max(mx, m_sh[s]); }
+    for (var j = 0u; j < PER; j++) {
+        if (g + j * GROUPS < used && l[j] > 0.0) { mx = max(mx, m[j]); }
     }
-    var l = 0.0;
-    for (var s = 0u; s < used; s++) {
-        if (l_sh[s] > 0.0) { l += l_sh[s] * exp(m_sh[s] - mx); }
+    var lsum = 0.0;
+    var acc = 0.0;
+    for (var j = 0u; j < PER; j++) {
+        let w = select(0.0, exp(m[j] - mx), g + j * GROUPS < used && l[j] > 0.0);
+        lsum += w * l[j];
+        acc += w * o[j];
     }
-    // Weights of unused splits are 0, so the batched loop below needs no tests.
-    if (lid < 64u) {
-        w_sh[lid] = select(0.0, exp(m_sh[lid] - mx) / l, lid < used && l_sh[lid] > 0.0);
+    o_sh[lid] = acc;
+    if (lane == 0u) {
+        m_sh[g] = mx;
+        l_sh[g] = lsum;
     }
     workgroupBarrier();
-    for (var d = lid; d < p.hd; d += 128u) {
-        var acc = 0.0;
-        for (var s0 = 0u; s0 < used; s0 += BATCH) {
-            // Splits past `used` read split used - 1 (finite) and weigh 0.
-            var v: array<f32, BATCH>;
-            for (var j = 0u; j < BATCH; j++) {
-                v[j] = part[base + min(s0 + j, used - 1u) * stride + d];
-            }
-            for (var j = 0u; j < BATCH; j++) {
-                acc += w_sh[min(s0 + j, 63u)] * v[j];
-            }
+    if (g == 0u && d < p.hd) {
+        // The groups' maxima and sums in workgroup memory: broadcast reads.
+        var gmx = -3.0e38;
+        for (var k = 0u; k < GROUPS; k++) {
+            if (l_sh[k] > 0.0) { gmx = max(gmx, m_sh[k]); }
         }
-        out[(t * p.n_heads + h) * p.hd + d] = acc;
+        var gl = 0.0;
+        var go = 0.0;
+        for (var k = 0u; k < GROUPS; k++) {
+            let w = select(0.0, exp(m_sh[k] - gmx), l_sh[k] > 0.0);
+            gl += w * l_sh[k];
+            go += w * o_sh[k * LANES + lane];
+        }
+        out[(t * p.n_heads + h) * p.hd + d] = go / gl;
     }
 }

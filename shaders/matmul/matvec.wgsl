@@ -18,12 +18,31 @@
 // itself; on the fast path it also keeps x * gn in workgroup memory (k <= 2048), so the main
 // loop reads x from there, and scales the finished dot products by 1 / rms (the product is
 // linear in x).
-// Bindings and parameters: products.wgsl; the norm weight follows them.
+// MERGE (decode, fast path, no SWIGLU): x is the attention's split partials ([head][split]
+// [hd + 2]: o, m, l; attend*.wgsl) and the vector is their merge, the attention output,
+// which each workgroup computes into workgroup memory itself. That replaces a merge dispatch
+// in front of Wo, on steps whose splits are few (MERGE_SPLITS; AttentionKernels::
+// merge_in_product): every workgroup reads all the partials, so the work is repeated per
+// workgroup and only pays where the dispatch it saves costs more.
+// XG: the main loop reads x from workgroup memory (xg), filled by NORM or MERGE.
+// Bindings and parameters: products.wgsl; the norm weight or the merge's step state follows
+// them.
 
+#if XG
+var<workgroup> xg: array<vec4<f32>, 512>;
+#endif
+#if MERGE
+@group(0) @binding(4) var<storage, read> state: array<u32>;
+override N_HEADS: u32 = 1u;
+override HD: u32 = 8u;
+override N_SPLITS: u32 = 1u;
+// Most splits a step may use for this kernel (and the keys per split: attend's tile).
+const MERGE_SPLITS: u32 = 8u;
+const TILE: u32 = 64u;
+#endif
 #if NORM
 #if XVEC
 alias NormWord = vec4<f32>;
-var<workgroup> xg: array<vec4<f32>, 512>;
 #else
 alias NormWord = f32;
 #endif
@@ -49,7 +68,7 @@ var<workgroup> red: array<vec4<f32>, 64>;
 // The 32 x of block kb of the vector starting at vec4 xb (normalised, from workgroup memory,
 // under NORM).
 fn x_block(xb: u32, kb: u32) -> array<vec4<f32>, 8> {
-#if NORM
+#if XG
     let g = kb * 8u;
     return array<vec4<f32>, 8>(xg[g], xg[g + 1u], xg[g + 2u], xg[g + 3u], xg[g + 4u], xg[g + 5u], xg[g + 6u], xg[g + 7u]);
 #else
@@ -120,6 +139,40 @@ fn main(
     var sum_sq = 0.0;
     for (var i = 0u; i < WG; i++) { sum_sq += red[i].x; }
     let inv_rms = inverseSqrt(sum_sq / f32(p.k) + bitcast<f32>(EPS_BITS));
+    workgroupBarrier();
+#endif
+#if MERGE
+    // The attention output of the step's token (one query; decode), merged from the used
+    // splits' partials: lane i makes word i % hd4 of head i / hd4. Each loads every split's
+    // o, m and l at once (splits past `used` repeat the last one and weigh 0), so the loads
+    // overlap instead of waiting on one another.
+    let used = min(N_SPLITS, (state[0] + TILE) / TILE);
+    let hd4 = HD / 4u;
+    for (var i = lid; i < N_HEADS * hd4; i += WG) {
+        let base = (i / hd4) * N_SPLITS * (HD + 2u);
+        let d = (i % hd4) * 4u;
+        var o: array<vec4<f32>, MERGE_SPLITS>;
+        var m: array<f32, MERGE_SPLITS>;
+        var l: array<f32, MERGE_SPLITS>;
+        for (var s = 0u; s < MERGE_SPLITS; s++) {
+            let at = base + min(s, used - 1u) * (HD + 2u);
+            o[s] = vec4<f32>(x[at + d], x[at + d + 1u], x[at + d + 2u], x[at + d + 3u]);
+            m[s] = x[at + HD];
+            l[s] = x[at + HD + 1u];
+        }
+        var mx = -3.0e38;
+        for (var s = 0u; s < MERGE_SPLITS; s++) {
+            if (s < used && l[s] > 0.0) { mx = max(mx, m[s]); }
+        }
+        var lsum = 0.0;
+        var acc = vec4<f32>(0.0);
+        for (var s = 0u; s < MERGE_SPLITS; s++) {
+            let w = select(0.0, exp(m[s] - mx), s < used && l[s] > 0.0);
+            lsum += w * l[s];
+            acc += w * o[s];
+        }
+        xg[i] = acc / lsum;
+    }
     workgroupBarrier();
 #endif
 #if XVEC

@@ -15,10 +15,15 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+#if MERGE
+// The attention partials the matvec merges into its vector (matvec.wgsl).
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+#else
 #if XVEC
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 #else
 @group(0) @binding(1) var<storage, read> x: array<f32>;
+#endif
 #endif
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> W: array<vec4<u32>>;

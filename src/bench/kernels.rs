@@ -335,13 +335,14 @@ impl Bench<'_> {
             }
             // Both attention kernels (per query head, per head group); decode picks one by
             // the keys per split (AttentionKernels::decode_kind), prefill by the group size.
+            // Decode times the variant it runs: rotary embedding and cache append included.
             let kinds = [(AttendKind::PerHead, ""), (AttendKind::Grouped, "_group")];
             for (kind, suffix) in kinds {
                 let name = format!("attend_decode{suffix}");
                 if !self.wanted(&name) {
                     continue;
                 }
-                let b = k.bind_attend(gpu, a, splits, &decode_state, &q, &kc, &vc, &part, kind);
+                let b = k.bind_attend_new_kv(gpu, a, splits, &decode_state, &rope, &qkv, &kc, &vc, &part, kind);
                 let s = self.time_sets(&[vec![(b, AttentionKernels::attend_groups(a, splits, 1, kind))]])?;
                 let flops = 4.0 * (nh * hd * ctx) as f64;
                 let used = if AttentionKernels::decode_kind(a, splits, ctx) == kind { " (used)" } else { "" };

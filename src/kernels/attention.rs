@@ -70,6 +70,20 @@ struct AttendParams {
     _pad: [u32; 2],
 }
 
+impl AttendParams {
+    fn new(sh: AttnShape, splits: u32) -> AttendParams {
+        AttendParams {
+            n_heads: sh.n_heads,
+            n_kv: sh.n_kv,
+            hd: sh.head_dim,
+            max_ctx: sh.max_ctx,
+            n_splits: splits,
+            scale: 1.0 / (sh.head_dim as f32).sqrt(),
+            _pad: [0; 2],
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct MergeParams {
@@ -104,28 +118,27 @@ pub struct AttentionKernels {
     rope: Arc<wgpu::ComputePipeline>,
     attend: Arc<wgpu::ComputePipeline>,
     attend_group: Arc<wgpu::ComputePipeline>,
-    merge: Arc<wgpu::ComputePipeline>,
+    /// The decode variants with the rotary embedding and cache append fused in.
+    attend_new_kv: Arc<wgpu::ComputePipeline>,
+    attend_group_new_kv: Arc<wgpu::ComputePipeline>,
+    /// The merge for one split (prefill) and for several (see attn_merge.wgsl).
+    merge: [Arc<wgpu::ComputePipeline>; 2],
 }
 
 impl AttentionKernels {
-    /// Most key splits per query (the merge keeps one weight per split in workgroup memory).
+    /// Most key splits per query (the merge takes at most 8 groups of 8).
     pub const MAX_SPLITS: u32 = 64;
 
     pub fn new(gpu: &Gpu) -> Result<AttentionKernels> {
         let f = gpu.flags();
+        let attend_key = |name, src| PipelineKey::new(name, &[REDUCE_WGSL, KV_WGSL, ATTEND_COMMON_WGSL, src], f);
         Ok(AttentionKernels {
             rope: gpu.pipeline(&PipelineKey::new("rope_kv", &[KV_WGSL, ROPE_WGSL], f))?,
-            attend: gpu.pipeline(&PipelineKey::new(
-                "attend",
-                &[REDUCE_WGSL, KV_WGSL, ATTEND_COMMON_WGSL, ATTEND_WGSL],
-                f,
-            ))?,
-            attend_group: gpu.pipeline(&PipelineKey::new(
-                "attend_group",
-                &[REDUCE_WGSL, KV_WGSL, ATTEND_COMMON_WGSL, ATTEND_GROUP_WGSL],
-                f,
-            ))?,
-            merge: gpu.pipeline(&PipelineKey::new("attn_merge", &[MERGE_WGSL], f))?,
+            attend: gpu.pipeline(&attend_key("attend", ATTEND_WGSL))?,
+            attend_group: gpu.pipeline(&attend_key("attend_group", ATTEND_GROUP_WGSL))?,
+            attend_new_kv: gpu.pipeline(&attend_key("attend", ATTEND_WGSL).define("NEW_KV"))?,
+            attend_group_new_kv: gpu.pipeline(&attend_key("attend_group", ATTEND_GROUP_WGSL).define("NEW_KV"))?,
+            merge: [Self::merge_pipeline(gpu, Self::MERGE_ONE)?, Self::merge_pipeline(gpu, Self::MERGE_MANY)?],
         })
     }
 
@@ -183,21 +196,50 @@ impl AttentionKernels {
             AttendKind::PerHead => &self.attend,
             AttendKind::Grouped => &self.attend_group,
         };
-        let params = gpu.uniform(
-            "attend",
-            &AttendParams {
-                n_heads: sh.n_heads,
-                n_kv: sh.n_kv,
-                hd: sh.head_dim,
-                max_ctx: sh.max_ctx,
-                n_splits: splits,
-                scale: 1.0 / (sh.head_dim as f32).sqrt(),
-                _pad: [0; 2],
-            },
-        );
+        let params = gpu.uniform("attend", &AttendParams::new(sh, splits));
         let bind_group = gpu.bind_group(
             pipeline,
             &[params.binding(), state.binding(), q.binding(), k_cache.binding(), v_cache.binding(), part.binding()],
+        );
+        Bound { pipeline: pipeline.clone(), bind_group, params: Some(params) }
+    }
+
+    /// Decode attention of a one-token step straight from its QKV product row (`qkv`, as
+    /// [`AttentionKernels::bind_rope_kv`] takes it): the queries rotated in each workgroup, the
+    /// new key and value rotated, used and appended to the cache in the same dispatch, so the
+    /// step needs no rope_kv dispatch. Steps of several tokens (prefill) use rope_kv and
+    /// [`AttentionKernels::bind_attend`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_attend_new_kv(
+        &self,
+        gpu: &Gpu,
+        sh: AttnShape,
+        splits: u32,
+        state: &GpuBuffer,
+        rope: &GpuBuffer,
+        qkv: &GpuBuffer,
+        k_cache: &GpuBuffer,
+        v_cache: &GpuBuffer,
+        part: &GpuBuffer,
+        kind: AttendKind,
+    ) -> Bound {
+        assert!((1..=Self::MAX_SPLITS).contains(&splits), "attention splits {splits}");
+        let pipeline = match kind {
+            AttendKind::PerHead => &self.attend_new_kv,
+            AttendKind::Grouped => &self.attend_group_new_kv,
+        };
+        let params = gpu.uniform("attend", &AttendParams::new(sh, splits));
+        let bind_group = gpu.bind_group(
+            pipeline,
+            &[
+                params.binding(),
+                state.binding(),
+                qkv.binding(),
+                k_cache.binding(),
+                v_cache.binding(),
+                part.binding(),
+                rope.binding(),
+            ],
         );
         Bound { pipeline: pipeline.clone(), bind_group, params: Some(params) }
     }
@@ -210,10 +252,15 @@ impl AttentionKernels {
     /// workgroups) and won at 250 (16K: the cache read once instead of four times).
     pub const GROUP_MIN_KEYS: u32 = 192;
 
-    /// Keys each split of a step with `keys` keys covers (attend*.wgsl compute the same).
+    /// Splits a step with `keys` keys uses: one per 64-key tile, at most `splits`
+    /// (attend*.wgsl and the merges compute the same).
+    pub fn used_splits(splits: u32, keys: u32) -> u32 {
+        splits.min(keys.div_ceil(64)).max(1)
+    }
+
+    /// Keys each split of a step with `keys` keys covers.
     pub fn keys_per_split(splits: u32, keys: u32) -> u32 {
-        let used = splits.min(keys.div_ceil(64)).max(1);
-        keys.div_ceil(used)
+        keys.div_ceil(Self::used_splits(splits, keys))
     }
 
     /// The kernel for a decode step over `keys` keys.
@@ -242,6 +289,18 @@ impl AttentionKernels {
         }
     }
 
+    /// Split groups per merge workgroup and splits per group (attn_merge.wgsl): one of each
+    /// for one split, 8 x 8 for up to MAX_SPLITS (one round of 8 loads per invocation).
+    const MERGE_ONE: (u32, u32) = (1, 1);
+    const MERGE_MANY: (u32, u32) = (8, Self::MAX_SPLITS / 8);
+    /// Output values per merge workgroup (LANES in attn_merge.wgsl).
+    const MERGE_LANES: u32 = 32;
+
+    fn merge_pipeline(gpu: &Gpu, (groups, per): (u32, u32)) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = PipelineKey::new("attn_merge", &[MERGE_WGSL], gpu.flags());
+        gpu.pipeline(&key.constant("GROUPS", groups).constant("PER", per))
+    }
+
     /// Merges partials into out [n, n_heads, hd].
     pub fn bind_merge(
         &self,
@@ -254,13 +313,15 @@ impl AttentionKernels {
     ) -> Bound {
         let params =
             gpu.uniform("attn_merge", &MergeParams { n_heads: sh.n_heads, hd: sh.head_dim, n_splits: splits, _pad: 0 });
-        let bind_group =
-            gpu.bind_group(&self.merge, &[params.binding(), state.binding(), part.binding(), out.binding()]);
-        Bound { pipeline: self.merge.clone(), bind_group, params: Some(params) }
+        let merge = &self.merge[(splits > 1) as usize];
+        let bind_group = gpu.bind_group(merge, &[params.binding(), state.binding(), part.binding(), out.binding()]);
+        Bound { pipeline: merge.clone(), bind_group, params: Some(params) }
     }
 
+    /// One workgroup per (32 output values of a head, head, query): more workgroups than
+    /// heads, so that the many splits of a long context spread over the GPU.
     pub fn merge_groups(sh: AttnShape, n: u32) -> [u32; 3] {
-        [sh.n_heads, n, 1]
+        [sh.head_dim.div_ceil(Self::MERGE_LANES), sh.n_heads, n]
     }
 }
 
@@ -334,14 +395,28 @@ mod tests {
     /// Runs rope_kv + attend + merge for `n` new tokens after `past` cached ones (whose K/V
     /// are written by earlier steps of the same kernels) and checks q rotation, the cache
     /// contents and the attention output against f64 references; once with each attention
-    /// kernel (per head, head groups).
+    /// kernel (per head, head groups), and for one-token steps also with the decode variants
+    /// that rotate and append the new key themselves (`fused`).
     fn check(gpu: &Gpu, sh: AttnShape, past: usize, n: usize, splits: u32, seed: u64) {
         for kind in [AttendKind::PerHead, AttendKind::Grouped] {
-            check_kind(gpu, sh, past, n, splits, seed, kind);
+            check_kind(gpu, sh, past, n, splits, seed, kind, false);
+            if n == 1 {
+                check_kind(gpu, sh, past, n, splits, seed, kind, true);
+            }
         }
     }
 
-    fn check_kind(gpu: &Gpu, sh: AttnShape, past: usize, n: usize, splits: u32, seed: u64, kind: AttendKind) {
+    #[allow(clippy::too_many_arguments)]
+    fn check_kind(
+        gpu: &Gpu,
+        sh: AttnShape,
+        past: usize,
+        n: usize,
+        splits: u32,
+        seed: u64,
+        kind: AttendKind,
+        fused: bool,
+    ) {
         let k = AttentionKernels::new(gpu).unwrap();
         let hd = sh.head_dim as usize;
         let (nh, nkv) = (sh.n_heads as usize, sh.n_kv as usize);
@@ -364,8 +439,9 @@ mod tests {
         let out = gpu.storage("out", (cap * nh * hd * 4) as u64).unwrap();
         let rb = k.bind_rope_kv(gpu, sh, &state, &rope, &qkvb, &qb, &kc, &vc);
         let ab = k.bind_attend(gpu, sh, splits, &state, &qb, &kc, &vc, &part, kind);
+        let fb = k.bind_attend_new_kv(gpu, sh, splits, &state, &rope, &qkvb, &kc, &vc, &part, kind);
         let mb = k.bind_merge(gpu, sh, splits, &state, &part, &out);
-        let step = |start: usize, cnt: usize| {
+        let step = |start: usize, cnt: usize, fused: bool| {
             gpu.write(&state, 0, &[start as u32, cnt as u32, 0, 0]);
             let mut rows = Vec::with_capacity(cnt * row);
             for t in start..start + cnt {
@@ -375,20 +451,23 @@ mod tests {
             }
             gpu.write(&qkvb, 0, &rows);
             crate::kernels::run_pass(gpu, |p| {
-                rb.record(p, AttentionKernels::rope_groups(sh, cnt as u32));
-                ab.record(p, AttentionKernels::attend_groups(sh, splits, cnt as u32, kind));
+                if fused {
+                    fb.record(p, AttentionKernels::attend_groups(sh, splits, cnt as u32, kind));
+                } else {
+                    rb.record(p, AttentionKernels::rope_groups(sh, cnt as u32));
+                    ab.record(p, AttentionKernels::attend_groups(sh, splits, cnt as u32, kind));
+                }
                 mb.record(p, AttentionKernels::merge_groups(sh, cnt as u32));
             })
             .unwrap();
         };
         if past > 0 {
-            step(0, past);
+            step(0, past, false);
         }
-        step(past, n);
-        let what = format!("{sh:?} past {past} n {n} splits {splits} {kind:?} {:?}", gpu.flags());
+        step(past, n, fused);
+        let what = format!("{sh:?} past {past} n {n} splits {splits} {kind:?} fused {fused} {:?}", gpu.flags());
 
-        // Rotated q of the new tokens.
-        let got_q: Vec<f32> = gpu.read(&qb, 0, n * nh * hd).unwrap();
+        // Rotated q of the new tokens (the fused kernels keep theirs in workgroup memory).
         let mut want_q = vec![];
         for t in 0..n {
             for h in 0..nh {
@@ -396,7 +475,10 @@ mod tests {
                 want_q.extend(rope_reference(&qs[b..b + hd], &inv_freq, past + t));
             }
         }
-        assert_close(&format!("rope q {what}"), &got_q, &want_q, 1e-5, 1e-5);
+        if !fused {
+            let got_q: Vec<f32> = gpu.read(&qb, 0, n * nh * hd).unwrap();
+            assert_close(&format!("rope q {what}"), &got_q, &want_q, 1e-5, 1e-5);
+        }
 
         // Cache rows: rotated keys and values, rounded to f16.
         let kcache: Vec<half::f16> = gpu.read(&kc, 0, (sh.cache_bytes() / 2) as usize).unwrap();
@@ -474,6 +556,71 @@ mod tests {
             for (x, y) in a.merge(&b).output().iter().zip(&whole) {
                 assert!((x - y).abs() < 1e-12);
             }
+        }
+    }
+
+    /// The merge alone on random partials: few and many splits (odd counts, more splits than
+    /// the context uses, some splits without keys), head sizes that are and are not multiples
+    /// of 32, odd head counts and several queries.
+    #[test]
+    fn merge_matches_reference() {
+        let gpu = &variants()[0];
+        let k = AttentionKernels::new(gpu).unwrap();
+        let cases = [
+            // (heads, hd, splits, past, n)
+            (9, 64, 1, 0, 5),
+            (9, 64, 2, 100, 3),
+            (9, 64, 37, 5000, 2),
+            (9, 64, 64, 4000, 1),
+            (32, 128, 64, 4100, 2),
+            (3, 128, 64, 20, 70),
+            (5, 128, 37, 2300, 1),
+            (3, 24, 64, 4090, 3),
+            (1, 8, 5, 200, 4),
+        ];
+        for (seed, &(nh, hd, splits, past, n)) in cases.iter().enumerate() {
+            let sh = AttnShape { n_heads: nh, n_kv: 1, head_dim: hd, max_ctx: past + n };
+            let mut rng = Rng::new(seed as u64 + 100);
+            let (nh, hd, ns) = (nh as usize, hd as usize, splits as usize);
+            let mut parts = vec![];
+            let mut data = vec![0f32; sh.partial_floats(n, splits) as usize];
+            for t in 0..n as usize {
+                let used = ns.min((past as usize + t + 1).div_ceil(64));
+                for h in 0..nh {
+                    let mut want = Partial::empty(hd);
+                    for s in 0..ns {
+                        let at = ((t * nh + h) * ns + s) * (hd + 2);
+                        let row = &mut data[at..at + hd + 2];
+                        // Splits past `used` hold garbage the merge must not read; every
+                        // seventh split in use has no keys.
+                        if s >= used {
+                            row.fill(f32::NAN);
+                            continue;
+                        }
+                        let empty = s % 7 == 6;
+                        let p = Partial {
+                            m: if empty { -3.0e38 } else { (rng.uniform() * 8.0) as f64 },
+                            l: if empty { 0.0 } else { (1.5 + rng.uniform()) as f64 },
+                            o: rng.vec(hd, 2.0).iter().map(|&x| if empty { 0.0 } else { x as f64 }).collect(),
+                        };
+                        for (r, &o) in row.iter_mut().zip(&p.o) {
+                            *r = o as f32;
+                        }
+                        row[hd] = p.m as f32;
+                        row[hd + 1] = p.l as f32;
+                        want = want.merge(&p);
+                    }
+                    parts.push(want);
+                }
+            }
+            let part = gpu.upload("part", &data).unwrap();
+            let state = gpu.upload("state", &[past, n, 0, 0]).unwrap();
+            let out = gpu.storage("out", (n as usize * nh * hd * 4) as u64).unwrap();
+            let mb = k.bind_merge(gpu, sh, splits, &state, &part, &out);
+            crate::kernels::run_pass(gpu, |p| mb.record(p, AttentionKernels::merge_groups(sh, n))).unwrap();
+            let got: Vec<f32> = gpu.read(&out, 0, n as usize * nh * hd).unwrap();
+            let want: Vec<f64> = parts.iter().flat_map(|p| p.output()).collect();
+            assert_close(&format!("merge {sh:?} splits {splits} past {past} n {n}"), &got, &want, 1e-5, 1e-4);
         }
     }
 }

@@ -311,6 +311,15 @@ pub fn matvec_rows(gpu: &Gpu, rows: usize, segments: usize) -> usize {
 /// Workgroups below which a matvec takes fewer rows per segment (see [`matvec_rows`]).
 pub const MATVEC_MIN_GROUPS: usize = 1024;
 
+/// The attention partials a matvec merges into its vector ([`MatVec::with_merge`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeInput {
+    pub n_heads: u32,
+    pub head_dim: u32,
+    /// Splits the partials buffer is laid out for.
+    pub splits: u32,
+}
+
 /// Invocations that share one row in the matvec: about one 32-element block (fast path) or
 /// 32 elements (element-wise path) each, a power of two from 4 to 64. Short rows thus get
 /// more rows per workgroup instead of idle invocations.
@@ -327,6 +336,8 @@ pub struct MatVec {
     epilogue: Epilogue,
     /// RMSNorm of x (with this epsilon and a weight given at bind time) fused in front.
     norm_eps: Option<f32>,
+    /// The attention merge fused in front: x is the partials of this shape.
+    merge: Option<MergeInput>,
     /// Rows per segment instead of [`matvec_rows`]'s choice (tests of every variant).
     rows_per_segment: Option<usize>,
 }
@@ -347,7 +358,7 @@ impl MatVec {
     }
 
     fn build(gpu: &Gpu, dtype: DType, epilogue: Epilogue, norm_eps: Option<f32>) -> Result<MatVec> {
-        let k = MatVec { dtype, epilogue, norm_eps, rows_per_segment: None };
+        let k = MatVec { dtype, epilogue, norm_eps, merge: None, rows_per_segment: None };
         // The fast path is what real models use; compile it now. The element-wise path (odd
         // shapes) compiles on first bind.
         gpu.pipeline(&k.key(gpu, true, 64).constant("R", 4))?;
@@ -363,6 +374,58 @@ impl MatVec {
         Ok(self)
     }
 
+    /// `y += W merge(partials)`: the attention merge (attn_merge.wgsl's result) computed by
+    /// every workgroup in front of the product, for decode steps that use at most
+    /// [`MatVec::MERGE_SPLITS`] splits ([`MatVec::bind_merge_add`]). Needs the fast path
+    /// (`n_heads * head_dim` a multiple of 32) and at most [`MatVec::NORM_MAX_COLS`] columns.
+    pub fn with_merge(gpu: &Gpu, dtype: DType, input: MergeInput) -> Result<MatVec> {
+        let cols = (input.n_heads * input.head_dim) as usize;
+        if !MatVec::merge_fits(input) {
+            return Err(Error::InvalidArgument(format!(
+                "a fused merge takes a multiple of 32 columns up to {}, not {cols}",
+                Self::NORM_MAX_COLS
+            )));
+        }
+        let k = MatVec { dtype, epilogue: Epilogue::Add, norm_eps: None, merge: Some(input), rows_per_segment: None };
+        gpu.pipeline(&k.key(gpu, true, threads_per_row(cols, true)).constant("R", 4))?;
+        Ok(k)
+    }
+
+    /// Splits a step may use for [`MatVec::with_merge`] (matvec.wgsl's MERGE_SPLITS).
+    pub const MERGE_SPLITS: u32 = 8;
+
+    /// Whether [`MatVec::with_merge`] takes partials of this shape.
+    pub fn merge_fits(input: MergeInput) -> bool {
+        let cols = (input.n_heads * input.head_dim) as usize;
+        cols.is_multiple_of(32) && cols <= Self::NORM_MAX_COLS && input.head_dim.is_multiple_of(4)
+    }
+
+    /// Binds `y += W merge(part)` for a one-token step: `part` holds the attention partials
+    /// `[n_heads][splits][head_dim + 2]`, `state` the step (attend*.wgsl's bindings).
+    pub fn bind_merge_add(
+        &self,
+        gpu: &Gpu,
+        w: &GpuMatrix,
+        part: &GpuBuffer,
+        state: &GpuBuffer,
+        y: &GpuBuffer,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        let m = self
+            .merge
+            .ok_or_else(|| Error::InvalidArgument("bind_merge_add needs a matvec built with_merge".into()))?;
+        if w.cols != (m.n_heads * m.head_dim) as usize {
+            return Err(Error::InvalidArgument(format!(
+                "a merge of {} heads of {} into a matrix of {} columns",
+                m.n_heads, m.head_dim, w.cols
+            )));
+        }
+        let need = (m.n_heads * m.splits * (m.head_dim + 2)) as u64 * 4;
+        if part.size < need {
+            return Err(Error::InvalidArgument(format!("partials of {} bytes, need {need}", part.size)));
+        }
+        self.bind_all(gpu, &[w], part, 0, Some(state), y, OutRows::whole(w), 1)
+    }
+
     fn key(&self, gpu: &Gpu, fast: bool, tpr: u32) -> PipelineKey {
         let mut key = PipelineKey::new("matvec", &[PRODUCTS_WGSL, WEIGHTS_WGSL, MATVEC_WGSL], gpu.flags())
             .define(w_define(self.dtype));
@@ -373,7 +436,15 @@ impl MatVec {
             key = key.define("XVEC");
         }
         if let Some(eps) = self.norm_eps {
-            key = key.define("NORM").constant("EPS_BITS", eps.to_bits());
+            key = key.define("NORM").define("XG").constant("EPS_BITS", eps.to_bits());
+        }
+        if let Some(m) = self.merge {
+            key = key
+                .define("MERGE")
+                .define("XG")
+                .constant("N_HEADS", m.n_heads)
+                .constant("HD", m.head_dim)
+                .constant("N_SPLITS", m.splits);
         }
         key.constant("TPR", tpr)
     }
@@ -453,6 +524,28 @@ impl MatVec {
         self.bind_all(gpu, &[g, u], x, 0, Some(norm), y, OutRows::whole(g), n)
     }
 
+    /// The norm weight a matvec built [`MatVec::with_norm`] (or not) is bound with.
+    fn check_norm(has_norm: bool, norm: Option<&GpuBuffer>, cols: usize) -> Result<()> {
+        match (has_norm, norm) {
+            (true, None) => return Err(Error::InvalidArgument("a matvec built with_norm binds a norm weight".into())),
+            (false, Some(_)) => {
+                return Err(Error::InvalidArgument("a norm weight needs a matvec built with_norm".into()))
+            }
+            (_, Some(_)) if cols > Self::NORM_MAX_COLS => {
+                return Err(Error::InvalidArgument(format!(
+                    "a fused norm takes at most {} columns, not {}",
+                    Self::NORM_MAX_COLS,
+                    cols
+                )))
+            }
+            (_, Some(g)) if g.size < cols as u64 * 4 => {
+                return Err(Error::InvalidArgument(format!("norm weight of {} bytes for {} columns", g.size, cols)))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn bind_all(
         &self,
@@ -466,25 +559,12 @@ impl MatVec {
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_operands("matvec", self.dtype, mats, x, x_offset, y, y_out, n)?;
-        match (self.norm_eps.is_some(), norm) {
-            (true, None) => return Err(Error::InvalidArgument("a matvec built with_norm binds a norm weight".into())),
-            (false, Some(_)) => {
-                return Err(Error::InvalidArgument("a norm weight needs a matvec built with_norm".into()))
+        match (self.merge.is_some(), norm) {
+            (true, None) => {
+                return Err(Error::InvalidArgument("a matvec built with_merge binds through bind_merge_add".into()))
             }
-            (_, Some(_)) if mats[0].cols > Self::NORM_MAX_COLS => {
-                return Err(Error::InvalidArgument(format!(
-                    "a fused norm takes at most {} columns, not {}",
-                    Self::NORM_MAX_COLS,
-                    mats[0].cols
-                )))
-            }
-            (_, Some(g)) if g.size < mats[0].cols as u64 * 4 => {
-                return Err(Error::InvalidArgument(format!(
-                    "norm weight of {} bytes for {} columns",
-                    g.size, mats[0].cols
-                )))
-            }
-            _ => {}
+            (true, Some(_)) => {}
+            (false, _) => Self::check_norm(self.norm_eps.is_some(), norm, mats[0].cols)?,
         }
         let w = mats[0];
         let fast = w.cols.is_multiple_of(32) && x_offset.is_multiple_of(4);
@@ -873,6 +953,68 @@ pub(crate) mod tests {
         // The widest vector a fused norm takes, once per path.
         norm_case(&variants()[0], DType::Q4_0, Epilogue::SwiGlu, 70, 2048, 5);
         norm_case(&variants()[0], DType::F16, Epilogue::Store, 70, 2048, 6);
+    }
+
+    /// `y += W merge(partials)` for a decode step at `pos` against the CPU merge
+    /// ([`Partial::merge`]) and product; every fourth split of the step has no keys (l = 0).
+    fn merge_case(gpu: &Gpu, dtype: DType, n: usize, input: MergeInput, pos: u32, seed: u64) {
+        use crate::kernels::attention::Partial;
+        let mut rng = Rng::new(seed);
+        let (nh, hd, splits) = (input.n_heads as usize, input.head_dim as usize, input.splits as usize);
+        let k = nh * hd;
+        let used = (input.splits).min((pos + 64) / 64) as usize;
+        let (wq, wd) = weights(dtype, n, k, &mut rng);
+        // Partials [head][split][hd + 2]; splits past `used` hold NaN, which must not be read.
+        let mut part = vec![f32::NAN; nh * splits * (hd + 2)];
+        let mut x = vec![0f32; k];
+        for h in 0..nh {
+            let mut merged = Partial::empty(hd);
+            for s in 0..used {
+                let o = rng.vec(hd, 4.0);
+                let m = rng.vec(1, 6.0)[0];
+                let l = if s % 4 == 3 { 0.0 } else { 0.5 + rng.vec(1, 0.4)[0].abs() };
+                let at = (h * splits + s) * (hd + 2);
+                part[at..at + hd].copy_from_slice(&o);
+                part[at + hd] = m;
+                part[at + hd + 1] = l;
+                let p = Partial { m: m as f64, l: l as f64, o: o.iter().map(|&v| v as f64).collect() };
+                merged = merged.merge(&p);
+            }
+            for (d, v) in merged.output().into_iter().enumerate() {
+                x[h * hd + d] = v as f32;
+            }
+        }
+        let y0 = rng.vec(n, 1.0);
+        let wm = GpuMatrix::upload(gpu, "w", dtype, n, k, &wq).unwrap();
+        let (pb, yb) = (gpu.upload("part", &part).unwrap(), gpu.upload("y", &y0).unwrap());
+        let state = gpu.upload("state", &[pos, 1, 0, 0]).unwrap();
+        let rows = [4, 2, 1][(seed % 3) as usize];
+        let kern = MatVec::with_merge(gpu, dtype, input).unwrap().with_rows_per_segment(rows).unwrap();
+        let bound = kern.bind_merge_add(gpu, &wm, &pb, &state, &yb).unwrap();
+        run_pass(gpu, |p| bound.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
+        let got: Vec<f32> = gpu.read(&yb, 0, n).unwrap();
+        let what = format!("merge+matvec {} {input:?} pos {pos} N={n} rows {rows} {:?}", dtype.name(), gpu.flags());
+        let scale: Vec<f64> = abs_scale(&wd, &x, n, k).iter().zip(&y0).map(|(a, b)| a + b.abs() as f64).collect();
+        check(&what, &got, &reference_add(&y0, &wd, &x, n, k), &scale);
+    }
+
+    #[test]
+    fn matvec_fused_merge() {
+        let mi = |n_heads, head_dim, splits| MergeInput { n_heads, head_dim, splits };
+        for gpu in variants() {
+            for dtype in DType::ALL {
+                // SmolLM2-135M's attention (9 heads of 64) at 1, 3 and 8 splits in use.
+                for (i, pos) in [5u32, 150, 511].into_iter().enumerate() {
+                    merge_case(gpu, dtype, 37, mi(9, 64, 16), pos, i as u64 + 1);
+                }
+                // Odd shapes: 3 heads of 32 with 5 splits, 2 heads of 16 with one.
+                merge_case(gpu, dtype, 70, mi(3, 32, 5), 300, 7);
+                merge_case(gpu, dtype, 5, mi(2, 16, 1), 40, 8);
+            }
+        }
+        // The widest vector it takes (16 heads of 128).
+        merge_case(&variants()[0], DType::Q4_0, 64, mi(16, 128, 8), 450, 9);
+        assert!(!MatVec::merge_fits(mi(32, 128, 16)), "Llama-3-8B's 4096 columns keep the merge dispatch");
     }
 
     /// (N, K, vectors / tokens, x offset) at odd sizes; K odd for float types and 32 * odd
