@@ -13,7 +13,7 @@ use longwave::decoder::Plan;
 use longwave::gpu::{Gpu, GpuBuffer};
 use longwave::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use longwave::kernels::embedding::Embedding;
-use longwave::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec};
+use longwave::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, MergeInput};
 use longwave::kernels::rms_norm::RmsNorm;
 use longwave::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
 use longwave::kernels::{run_pass, Bound};
@@ -91,6 +91,32 @@ fn products(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<
             out.f32(format!("{case}/y"), &[1, rows], &gpu.read(&yb, 0, rows)?);
             let meta =
                 json!({"op": "matmul", "w": w_name, "dtype": dtype.name(), "rows": rows, "cols": h, "epilogue": name});
+            out.case(&case, meta);
+        }
+        // Decode's Wo product with the attention merge in front (where the model's attention
+        // output fits it): random partials of 16 splits, 5 of them in use at position 300,
+        // every fourth one empty (l = 0).
+        let input = MergeInput { n_heads: sh.n_heads as u32, head_dim: sh.head_dim as u32, splits: 16 };
+        if MatVec::merge_fits(input) && sh.n_heads * sh.head_dim == h {
+            let (nh, hd, splits, pos) = (sh.n_heads, sh.head_dim, 16usize, 300u32);
+            let used = AttentionKernels::used_splits(splits as u32, pos + 1) as usize;
+            let mut part = rng.vec(nh * splits * (hd + 2), 2.0);
+            for hs in 0..nh * splits {
+                let at = hs * (hd + 2);
+                part[at + hd] *= 3.0;
+                part[at + hd + 1] = if hs % 4 == 3 { 0.0 } else { 1.0 + part[at + hd + 1].abs() };
+            }
+            let wo = quantize(dtype, &rng.vec(h * h, 0.1));
+            let wm = GpuMatrix::upload(gpu, "wo", dtype, h, h, &wo)?;
+            let (pb, sb) = (gpu.upload("part", &part)?, gpu.upload("state", &[pos, 1, 0, 0])?);
+            let yb = gpu.upload("y", &y0[..h])?;
+            run(gpu, &MatVec::with_merge(gpu, dtype, input)?.bind_merge_add(gpu, &wm, &pb, &sb, &yb)?)?;
+            let case = format!("{}/matvec_merge_add/{}", sh.name, dtype.name());
+            out.raw(format!("{case}/w"), Dtype::U8, &[wo.len()], wo);
+            out.f32(format!("{case}/part"), &[nh, splits, hd + 2], &part);
+            out.f32(format!("{case}/y0"), &[1, h], &y0[..h]);
+            out.f32(format!("{case}/y"), &[1, h], &gpu.read(&yb, 0, h)?);
+            let meta = json!({"op": "matvec_merge", "dtype": dtype.name(), "rows": h, "cols": h, "used": used});
             out.case(&case, meta);
         }
         // Prefill product: the kernel the decoder uses (on matrix units where the adapter has

@@ -104,6 +104,17 @@ def kernels(f, tol):
             if m["epilogue"] == "add":
                 y = y + t(f"{case}/y0")
             report("kernel", case, rel(t(f"{case}/y"), y), tol["matmul_f16" if m.get("matrix_units") else "matmul"])
+        elif op == "matvec_merge":
+            # Merge the splits in use (l > 0) into the attention output, then Wo.
+            part = t(f"{case}/part")[:, :m["used"]].double()
+            hd = part.shape[2] - 2
+            o, mx, l = part[..., :hd], part[..., hd], part[..., hd + 1]
+            live = l > 0
+            top = torch.where(live, mx, torch.full_like(mx, -1e300)).max(1, keepdim=True).values
+            wgt = torch.where(live, torch.exp(mx - top), torch.zeros_like(mx))
+            x = ((wgt[..., None] * o).sum(1) / (wgt * l).sum(1, keepdim=True)).reshape(1, -1).float()
+            w = dequant(f.get_tensor(f"{case}/w"), m["dtype"], m["rows"], m["cols"])
+            report("kernel", case, rel(t(f"{case}/y"), t(f"{case}/y0") + x @ w.T), tol["matmul"])
         elif op == "swiglu":
             g = dequant(f.get_tensor(f"{case}/g"), m["dtype"], m["rows"], m["cols"])
             u = dequant(f.get_tensor(f"{case}/u"), m["dtype"], m["rows"], m["cols"])
