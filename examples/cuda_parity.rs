@@ -18,7 +18,7 @@ use longwave::kernels::rms_norm::RmsNorm;
 use longwave::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
 use longwave::kernels::{run_pass, Bound};
 use longwave::model::quant::{quantize, DType};
-use longwave::{GpuOptions, Model, Result, Session, SessionOptions};
+use longwave::{GenerateOptions, GpuOptions, Model, Result, Session, SessionOptions};
 use safetensors::Dtype;
 use serde_json::json;
 use std::collections::HashMap;
@@ -302,7 +302,8 @@ fn logits(args: &[String]) -> Result<()> {
     let path = args.last().ok_or_else(|| longwave::Error::InvalidArgument("OUT.safetensors".into()))?;
     let model = Model::load(model_path, &GpuOptions::default())?;
     eprintln!("{} on {}", model_path, model.gpu.describe());
-    let mut session = Session::new(&model, &SessionOptions { max_ctx: Some(ids.len().max(64)) })?;
+    let greedy_len = list(args, "--greedy").map(|g| g.iter().sum::<usize>()).unwrap_or(0);
+    let mut session = Session::new(&model, &SessionOptions { max_ctx: Some(ids.len().max(greedy_len).max(64)) })?;
     let mut out = Out::default();
     for &n in &at {
         let l = session.logits(&ids[..n.min(ids.len())])?;
@@ -311,6 +312,15 @@ fn logits(args: &[String]) -> Result<()> {
     session.reset();
     let ppl = session.perplexity(&ids)?;
     out.f32("nll".into(), &[ppl.nll.len()], &ppl.nll);
+    // Greedy tokens after the first `greedy_from` ids, through decode steps (the kernels
+    // logits and perplexity, both prefill, don't run).
+    if let Ok(g) = list(args, "--greedy") {
+        let (from, n) = (g[0].min(ids.len()), g.get(1).copied().unwrap_or(0));
+        session.reset();
+        let opts = GenerateOptions { max_tokens: n, stop_at_eos: false, ..Default::default() };
+        let (toks, _) = session.generate(&ids[..from], &opts, |_, _| true)?;
+        out.raw("greedy".into(), Dtype::U32, &[toks.len()], bytemuck::cast_slice(&toks).to_vec());
+    }
     out.meta.insert("adapter".into(), model.gpu.describe());
     out.write(path)
 }

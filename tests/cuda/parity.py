@@ -12,11 +12,12 @@ Three parts, one table:
       Llama-3-8B sizes (every weight format) and writes inputs and outputs; PyTorch redoes each
       operation on the GPU in f32 (TF32 off) from the same bytes (quantized formats are
       dequantized here, by the GGUF block definitions);
-  (b) the default model end to end: logits at two prefix lengths and per-token NLL over a text,
-      through the GGUF file and through the Hugging Face directory `longwave convert` writes,
-      against transformers on CUDA in f32 with that directory's weights;
+  (b) the default model end to end: logits at two prefix lengths and per-token NLL over a text
+      (prefill), and greedy tokens through decode steps, through the GGUF file and through the
+      Hugging Face directory `longwave convert` writes, against transformers on CUDA in f32
+      with that directory's weights;
   (c) a Llama-3-8B-shaped model with random weights made here by PyTorch (transformers'
-      initialisation, std 0.02, stored as f16 safetensors): logits compared the same way.
+      initialisation, std 0.02, stored as f16 safetensors): compared the same way.
 Exits 1 when any row is over its tolerance.
 """
 
@@ -177,12 +178,15 @@ def attention(case, m, f, t, tol):
 
 # --- (b), (c) models ------------------------------------------------------------------------
 
-def longwave_logits(args, model, ids, at, out):
+def longwave_logits(args, model, ids, at, out, greedy=None):
     cmd = [os.path.join(args.bin, "cuda_parity"), "logits", "--model", model,
-           "--ids", ",".join(map(str, ids)), "--at", ",".join(map(str, at)), out]
-    subprocess.run(cmd, check=True)
+           "--ids", ",".join(map(str, ids)), "--at", ",".join(map(str, at))]
+    if greedy:
+        cmd += ["--greedy", ",".join(map(str, greedy))]
+    subprocess.run(cmd + [out], check=True)
     with safe_open(out, "pt") as f:
-        return {n: f.get_tensor(f"logits/{n}").to(DEV) for n in at}, f.get_tensor("nll").to(DEV)
+        got = {n: f.get_tensor(f"logits/{n}").to(DEV) for n in at}, f.get_tensor("nll").to(DEV)
+        return got + ((f.get_tensor("greedy").tolist(),) if greedy else ())
 
 
 def torch_logits(model, ids):
@@ -218,10 +222,26 @@ def default_model(args, tol):
     at = [16, len(ids)]
     model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).to(DEV).eval()
     ref, ref_nll = torch_logits(model, ids)
-    del model
     for name, path in [("gguf", args.model), ("safetensors", hf)]:
-        lw = longwave_logits(args, path, ids, at, os.path.join(args.work, f"smollm2-{name}.safetensors"))
+        *lw, greedy = longwave_logits(args, path, ids, at, os.path.join(args.work, f"smollm2-{name}.safetensors"),
+                                      greedy=(16, 48))
         compare("model", f"smollm2 {name}", lw, ref, ref_nll, tol["logit"], tol["ppl"])
+        greedy_gap("model", f"smollm2 {name}", model, ids[:16], greedy, tol)
+    del model
+
+
+def greedy_gap(part, name, model, prompt, greedy, tol):
+    """Tokens longwave decoded greedily after `prompt` against PyTorch's logits at their
+    positions over the same tokens: each chosen logit's distance below the best one, in
+    standard deviations of that position's logits (0 where they agree). Near-ties may pick
+    either token; a wrong decode step picks tokens several deviations below the best."""
+    rows, _ = torch_logits(model, prompt + greedy)
+    rows = rows[len(prompt) - 1:len(prompt) - 1 + len(greedy)]
+    chosen = rows.gather(1, torch.tensor(greedy, device=DEV)[:, None])[:, 0]
+    gap = ((rows.max(1).values - chosen) / rows.std(1)).max().item()
+    exact = sum(int(r.argmax()) == t for r, t in zip(rows, greedy))
+    report(part, f"{name} decode: {len(greedy)} greedy tokens (largest gap, std)", gap, tol["greedy_gap"],
+           f"{exact} of {len(greedy)} PyTorch's argmax")
 
 
 def write_tokenizer(path, vocab_size, bos, eos):
@@ -271,16 +291,21 @@ def llama8b(args, tol):
         model = LlamaForCausalLM(cfg).half()
     model.save_pretrained(d, safe_serialization=True)
     write_tokenizer(os.path.join(d, "tokenizer.json"), 128256, 128000, 128001)
-    model = model.float().eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 128000, (96,), generator=g).tolist()
     at = [16, len(ids)]
+    # longwave first (the f16 model stays on the GPU meanwhile), then PyTorch in f32. The
+    # greedy tokens after the first 32 ids come from decode steps.
+    from_, n_greedy = 32, 64
+    got, nll, greedy = longwave_logits(args, d, ids, at, os.path.join(args.work, "llama3-8b.safetensors"),
+                                       greedy=(from_, n_greedy))
+    model = model.float().eval()
     ref, ref_nll = torch_logits(model, ids)
+    # These logits are near-flat (random weights): exact argmax agreement is not expected.
+    greedy_gap("8b", "llama3-8b f16", model, ids[:from_], greedy, tol)
     del model
     torch.cuda.empty_cache()
-    lw = longwave_logits(args, d, ids, at, os.path.join(args.work, "llama3-8b.safetensors"))
     # Logits of random weights are small; compare relative to their scale.
-    got, nll = lw
     # Prefill on matrix units rounds every product's activations to f16 as well: this model's
     # logits (random weights, perplexity ~3e5) sit at ~1e-2 relative already without that.
     units = matrix_units(args)
@@ -316,7 +341,7 @@ def main():
     # products on matrix units round both operands to f16 first (each product off by up to
     # ~2^-10); model logits differ by the f16 rounding of the converted weights and the f16
     # KV cache.
-    tol = {"matmul": 1e-4, "matmul_f16": 2e-3, "exact": 1e-6, "norm": 1e-5, "rope": 1e-3, "attention": 1e-3,
+    tol = {"greedy_gap": 0.25, "matmul": 1e-4, "matmul_f16": 2e-3, "exact": 1e-6, "norm": 1e-5, "rope": 1e-3, "attention": 1e-3,
            "logit": 0.05, "logit_rel": 1e-2, "logit_rel_f16": 2e-2, "ppl": 5e-3}
     parts = args.parts.split(",")
     print(f"{'part':<8} {'case':<44} {'error':>10} {'tol':>9} ok", flush=True)
