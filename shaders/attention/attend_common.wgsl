@@ -97,15 +97,9 @@ fn rotated4(t: u32, head: u32, w: u32, pos: u32) -> vec4<f32> {
     let src = qkv_head(t, head);
     let x0 = qkv4(src + i);
     let x1 = qkv4(src + i + p.hd / 2u);
-    let b = pos * (p.hd / 2u) + i;
-    let cs0 = rope[b];
-    let cs1 = rope[b + 1u];
-    let cs2 = rope[b + 2u];
-    let cs3 = rope[b + 3u];
-    let c = vec4<f32>(cs0.x, cs1.x, cs2.x, cs3.x);
-    let s = vec4<f32>(cs0.y, cs1.y, cs2.y, cs3.y);
-    if (w < half4) { return x0 * c - x1 * s; }
-    return x1 * c + x0 * s;
+    let cs = rope_cos_sin(pos, i, p.hd / 2u);
+    if (w < half4) { return x0 * cs[0] - x1 * cs[1]; }
+    return x1 * cs[0] + x0 * cs[1];
 }
 
 // Word w of query head h of the step's token (at pos), unscaled.

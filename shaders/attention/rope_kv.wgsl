@@ -24,14 +24,8 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> v_cache: array<KvWord>;
 
 fn rotate(x0: vec4<f32>, x1: vec4<f32>, pos: u32, i: u32) -> array<vec4<f32>, 2> {
-    let b = pos * (p.hd / 2u) + i;
-    let cs0 = rope[b];
-    let cs1 = rope[b + 1u];
-    let cs2 = rope[b + 2u];
-    let cs3 = rope[b + 3u];
-    let c = vec4<f32>(cs0.x, cs1.x, cs2.x, cs3.x);
-    let s = vec4<f32>(cs0.y, cs1.y, cs2.y, cs3.y);
-    return array<vec4<f32>, 2>(x0 * c - x1 * s, x1 * c + x0 * s);
+    let cs = rope_cos_sin(pos, i, p.hd / 2u);
+    return array<vec4<f32>, 2>(x0 * cs[0] - x1 * cs[1], x1 * cs[0] + x0 * cs[1]);
 }
 
 fn load4(base: u32) -> vec4<f32> {

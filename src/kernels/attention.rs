@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 const KV_WGSL: &str = include_str!("../../shaders/attention/kv_store.wgsl");
 const ROPE_WGSL: &str = include_str!("../../shaders/attention/rope_kv.wgsl");
+const ROPE_ANGLES_WGSL: &str = include_str!("../../shaders/attention/rope_angles.wgsl");
 const ATTEND_COMMON_WGSL: &str = include_str!("../../shaders/attention/attend_common.wgsl");
 const ATTEND_WGSL: &str = include_str!("../../shaders/attention/attend.wgsl");
 const ATTEND_GROUP_WGSL: &str = include_str!("../../shaders/attention/attend_group.wgsl");
@@ -132,12 +133,17 @@ impl AttentionKernels {
     pub fn new(gpu: &Gpu) -> Result<AttentionKernels> {
         let f = gpu.flags();
         let attend_key = |name, src| PipelineKey::new(name, &[REDUCE_WGSL, KV_WGSL, ATTEND_COMMON_WGSL, src], f);
+        // The decode variants rotate with the rope table's angles too (after the bindings).
+        let new_kv_key = |name, src| {
+            PipelineKey::new(name, &[REDUCE_WGSL, KV_WGSL, ATTEND_COMMON_WGSL, ROPE_ANGLES_WGSL, src], f)
+                .define("NEW_KV")
+        };
         Ok(AttentionKernels {
-            rope: gpu.pipeline(&PipelineKey::new("rope_kv", &[KV_WGSL, ROPE_WGSL], f))?,
+            rope: gpu.pipeline(&PipelineKey::new("rope_kv", &[KV_WGSL, ROPE_ANGLES_WGSL, ROPE_WGSL], f))?,
             attend: gpu.pipeline(&attend_key("attend", ATTEND_WGSL))?,
             attend_group: gpu.pipeline(&attend_key("attend_group", ATTEND_GROUP_WGSL))?,
-            attend_new_kv: gpu.pipeline(&attend_key("attend", ATTEND_WGSL).define("NEW_KV"))?,
-            attend_group_new_kv: gpu.pipeline(&attend_key("attend_group", ATTEND_GROUP_WGSL).define("NEW_KV"))?,
+            attend_new_kv: gpu.pipeline(&new_kv_key("attend", ATTEND_WGSL))?,
+            attend_group_new_kv: gpu.pipeline(&new_kv_key("attend_group", ATTEND_GROUP_WGSL))?,
             merge: [Self::merge_pipeline(gpu, Self::MERGE_ONE)?, Self::merge_pipeline(gpu, Self::MERGE_MANY)?],
         })
     }
@@ -191,16 +197,26 @@ impl AttentionKernels {
         part: &GpuBuffer,
         kind: AttendKind,
     ) -> Bound {
-        assert!((1..=Self::MAX_SPLITS).contains(&splits), "attention splits {splits}");
         let pipeline = match kind {
             AttendKind::PerHead => &self.attend,
             AttendKind::Grouped => &self.attend_group,
         };
+        Self::bind_attend_params(gpu, pipeline, sh, splits, &[state, q, k_cache, v_cache, part])
+    }
+
+    /// The attention parameters for `sh` and `splits`, then `buffers` in binding order.
+    fn bind_attend_params(
+        gpu: &Gpu,
+        pipeline: &Arc<wgpu::ComputePipeline>,
+        sh: AttnShape,
+        splits: u32,
+        buffers: &[&GpuBuffer],
+    ) -> Bound {
+        assert!((1..=Self::MAX_SPLITS).contains(&splits), "attention splits {splits}");
         let params = gpu.uniform("attend", &AttendParams::new(sh, splits));
-        let bind_group = gpu.bind_group(
-            pipeline,
-            &[params.binding(), state.binding(), q.binding(), k_cache.binding(), v_cache.binding(), part.binding()],
-        );
+        let mut entries = vec![params.binding()];
+        entries.extend(buffers.iter().map(|b| b.binding()));
+        let bind_group = gpu.bind_group(pipeline, &entries);
         Bound { pipeline: pipeline.clone(), bind_group, params: Some(params) }
     }
 
@@ -223,25 +239,11 @@ impl AttentionKernels {
         part: &GpuBuffer,
         kind: AttendKind,
     ) -> Bound {
-        assert!((1..=Self::MAX_SPLITS).contains(&splits), "attention splits {splits}");
         let pipeline = match kind {
             AttendKind::PerHead => &self.attend_new_kv,
             AttendKind::Grouped => &self.attend_group_new_kv,
         };
-        let params = gpu.uniform("attend", &AttendParams::new(sh, splits));
-        let bind_group = gpu.bind_group(
-            pipeline,
-            &[
-                params.binding(),
-                state.binding(),
-                qkv.binding(),
-                k_cache.binding(),
-                v_cache.binding(),
-                part.binding(),
-                rope.binding(),
-            ],
-        );
-        Bound { pipeline: pipeline.clone(), bind_group, params: Some(params) }
+        Self::bind_attend_params(gpu, pipeline, sh, splits, &[state, qkv, k_cache, v_cache, part, rope])
     }
 
     /// Query heads per KV head from which the grouped kernel is used: with fewer, its vec4
