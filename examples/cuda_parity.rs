@@ -14,6 +14,7 @@ use longwave::gpu::{Gpu, GpuBuffer};
 use longwave::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use longwave::kernels::embedding::Embedding;
 use longwave::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, MergeInput};
+use longwave::kernels::quantize::{q8_words, Q8Input, QuantizeQ8};
 use longwave::kernels::rms_norm::RmsNorm;
 use longwave::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
 use longwave::kernels::{run_pass, Bound};
@@ -92,6 +93,21 @@ fn products(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<
             let meta =
                 json!({"op": "matmul", "w": w_name, "dtype": dtype.name(), "rows": rows, "cols": h, "epilogue": name});
             out.case(&case, meta);
+        }
+        // Decode products of 8-bit vectors: the vector RMS-normalised and quantized on the GPU
+        // (quantize_q8), then the integer-dot product, plain and accumulating.
+        if MatVec::takes_q8_input(dtype) {
+            let xq = q8_vector(gpu, &xb, h, out, &format!("{}/q8/{}", sh.name, dtype.name()), rng)?;
+            for (epi, name) in [(Epilogue::Store, "store"), (Epilogue::Add, "add")] {
+                let yb = gpu.upload("y", &y0[..rows])?;
+                run(gpu, &MatVec::with_q8_input(gpu, dtype, epi)?.bind(gpu, &m, &xq, 0, &yb, 1)?)?;
+                let case = format!("{}/matvec_q8_{name}/{}", sh.name, dtype.name());
+                out.f32(format!("{case}/y0"), &[1, rows], &y0[..rows]);
+                out.f32(format!("{case}/y"), &[1, rows], &gpu.read(&yb, 0, rows)?);
+                let meta = json!({"op": "matvec_q8", "w": w_name, "q8": format!("{}/q8/{}", sh.name, dtype.name()),
+                    "dtype": dtype.name(), "rows": rows, "cols": h, "epilogue": name});
+                out.case(&case, meta);
+            }
         }
         // Decode's Wo product with the attention merge in front (where the model's attention
         // output fits it): random partials of 16 splits, 5 of them in use at position 300,
@@ -172,6 +188,22 @@ fn products(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<
         }
     }
     Ok(())
+}
+
+/// Quantizes the first row of x (RMS-normalised with a random weight) to 8 bits on the GPU and
+/// stores x, the weight and the words under `name` (op "quantize_q8"); returns the words.
+fn q8_vector(gpu: &Gpu, xb: &GpuBuffer, h: usize, out: &mut Out, name: &str, rng: &mut Rng) -> Result<GpuBuffer> {
+    let g = rng.vec(h, 1.0);
+    let gb = gpu.upload("g", &g)?;
+    let xq = gpu.storage("xq", q8_words(h) as u64 * 4)?;
+    let (b, groups) = QuantizeQ8::new(gpu, Q8Input::Norm { eps: 1e-5 })?.bind(gpu, xb, Some(&gb), None, &xq, 1, h)?;
+    run(gpu, &[(b, groups)])?;
+    let words: Vec<u32> = gpu.read(&xq, 0, q8_words(h))?;
+    out.f32(format!("{name}/x"), &[1, h], &gpu.read::<f32>(xb, 0, h)?);
+    out.f32(format!("{name}/g"), &[h], &g);
+    out.raw(format!("{name}/words"), Dtype::U8, &[words.len() * 4], bytemuck::cast_slice(&words).to_vec());
+    out.case(name, json!({"op": "quantize_q8", "cols": h, "eps": 1e-5}));
+    Ok(xq)
 }
 
 fn norm_and_sampling(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<()> {

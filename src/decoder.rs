@@ -12,6 +12,7 @@ use crate::gpu::{Gpu, GpuBuffer};
 use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use crate::kernels::embedding::Embedding;
 use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, MergeInput, OutRows, MATMUL_TILE_T};
+use crate::kernels::quantize::{q8_words, Q8Input, QuantizeQ8};
 use crate::kernels::rms_norm::RmsNorm;
 use crate::kernels::sampling::SamplingKernels;
 use crate::kernels::Bound;
@@ -120,6 +121,16 @@ pub struct Kernels {
     pub sampling: SamplingKernels,
     /// Per weight format present in the model: the matvec and matmul variants.
     pub mat: Vec<(crate::model::quant::DType, MatKernels)>,
+    /// 8-bit quantization of decode vectors (with the layer norm fused, of the last row with
+    /// the final norm, and plain) for the integer-dot products; None where unused.
+    pub q8: Option<[QuantizeQ8; 3]>,
+}
+
+/// The matvec variants of 8-bit vectors (weights in a format that takes them).
+pub struct Q8MatKernels {
+    pub mv: MatVec,
+    pub mv_add: MatVec,
+    pub mv_swiglu: MatVec,
 }
 
 pub struct MatKernels {
@@ -132,6 +143,8 @@ pub struct MatKernels {
     pub mm: MatMul,
     pub mm_add: MatMul,
     pub mm_swiglu: MatMul,
+    /// Where the adapter and format allow (Caps::q8_activations, MatVec::takes_q8_input).
+    pub q8: Option<Q8MatKernels>,
 }
 
 impl Kernels {
@@ -157,10 +170,30 @@ impl Kernels {
                     mm: MatMul::new(gpu, d, Epilogue::Store)?,
                     mm_add: MatMul::new(gpu, d, Epilogue::Add)?,
                     mm_swiglu: MatMul::new(gpu, d, Epilogue::SwiGlu)?,
+                    q8: if gpu.caps.q8_activations && MatVec::takes_q8_input(d) {
+                        Some(Q8MatKernels {
+                            mv: MatVec::with_q8_input(gpu, d, Epilogue::Store)?,
+                            mv_add: MatVec::with_q8_input(gpu, d, Epilogue::Add)?,
+                            mv_swiglu: MatVec::with_q8_input(gpu, d, Epilogue::SwiGlu)?,
+                        })
+                    } else {
+                        None
+                    },
                 },
             ));
         }
+        let eps = c.rms_norm_eps;
+        let q8 = if mat.iter().any(|(_, m)| m.q8.is_some()) {
+            Some([
+                QuantizeQ8::new(gpu, Q8Input::Norm { eps })?,
+                QuantizeQ8::new(gpu, Q8Input::NormLast { eps })?,
+                QuantizeQ8::new(gpu, Q8Input::Plain)?,
+            ])
+        } else {
+            None
+        };
         Ok(Kernels {
+            q8,
             norm: RmsNorm::new(gpu)?,
             embed: Embedding::new(gpu, weights.embed.dtype)?,
             attn: AttentionKernels::new(gpu)?,
@@ -171,6 +204,12 @@ impl Kernels {
 
     fn mat(&self, m: &GpuMatrix) -> &MatKernels {
         &self.mat.iter().find(|(d, _)| *d == m.dtype).expect("kernels for every dtype").1
+    }
+
+    /// The 8-bit-vector products for all of `mats`, if every one has them and takes vectors
+    /// of its width (a multiple of 32).
+    fn q8_all(&self, mats: &[&GpuMatrix]) -> bool {
+        mats.iter().all(|m| self.mat(m).q8.is_some() && m.cols.is_multiple_of(32))
     }
 }
 
@@ -188,6 +227,8 @@ pub struct Buffers {
     pub q: GpuBuffer,
     pub attn: GpuBuffer,
     pub ffn: GpuBuffer,
+    /// One decode vector quantized to 8 bits (the input of the product that follows).
+    pub xq: GpuBuffer,
     pub part: GpuBuffer,
     pub last: GpuBuffer,
     pub logits: GpuBuffer,
@@ -296,6 +337,7 @@ impl Buffers {
             q: gpu.storage("q", t * qd * f)?,
             attn: gpu.storage("attn", t * qd * f)?,
             ffn: gpu.storage("ffn", t * c.intermediate_size as u64 * f)?,
+            xq: gpu.storage("xq", q8_words(c.hidden_size.max(qd as usize).max(c.intermediate_size)) as u64 * 4)?,
             part: gpu.storage("partials", parts * f)?,
             last: gpu.storage("last", hidden * f)?,
             logits: gpu.storage("logits", t * c.vocab_size as u64 * f)?,
@@ -418,6 +460,11 @@ impl Decoder {
             Ok(())
         };
 
+        // Decode steps quantize the vectors of 8- and 4-bit products to 8 bits (integer dot
+        // products) where the adapter allows; each quantization replaces the norm in front of
+        // the product or is a dispatch of its own.
+        let q8k = if prefill { None } else { k.q8.as_ref() };
+
         // Token ids -> hidden states.
         for (bound, _) in k.embed.bind(gpu, &w.embed, &b.tokens, 0, &b.x, rows as usize)? {
             push(&mut steps, "embed", bound, Box::new(|s| crate::kernels::groups_1d(s.n)));
@@ -429,7 +476,15 @@ impl Decoder {
             // more for the per-workgroup reduction and barriers than for a dispatch.
             let fuse_norm =
                 !prefill && c.hidden_size <= MatVec::NORM_MAX_COLS && gpu.info.device_type != wgpu::DeviceType::Cpu;
-            if !fuse_norm {
+            // 8-bit vectors where every product of the layer takes them, and not where the
+            // norm is fused into f32 products (small models, whose products are too short
+            // for the saving to pay for the dispatches).
+            let mats: Vec<&GpuMatrix> = l.qkv.iter().chain([&l.o, &l.gate, &l.up, &l.down]).collect();
+            let q8 = q8k.filter(|_| !fuse_norm && k.q8_all(&mats));
+            if let Some([quant_norm, _, _]) = q8 {
+                let (bound, g) = quant_norm.bind(gpu, &b.x, Some(&l.attn_norm), None, &b.xq, 1, c.hidden_size)?;
+                push(&mut steps, "attn_norm", bound, fixed(g));
+            } else if !fuse_norm {
                 push(
                     &mut steps,
                     "attn_norm",
@@ -444,6 +499,8 @@ impl Decoder {
                 let out = OutRows { stride, offset };
                 let list = if prefill {
                     mk.mm.bind_into(gpu, m, &b.xn, &b.qkv, out, rows as usize)?
+                } else if let (Some(_), Some(mq)) = (q8, &mk.q8) {
+                    mq.mv.bind_into(gpu, m, &b.xq, &b.qkv, out, 1)?
                 } else if fuse_norm {
                     mk.mv_norm.bind_norm_into(gpu, m, &b.x, &l.attn_norm, &b.qkv, out, 1)?
                 } else {
@@ -500,10 +557,20 @@ impl Decoder {
             let merge_in_o = !prefill && MatVec::merge_fits(merge_input) && l.o.cols == hidden_attn(sh);
             let in_o =
                 move |s: Step| merge_in_o && AttentionKernels::used_splits(splits, s.keys) <= MatVec::MERGE_SPLITS;
+            // With 8-bit vectors the merge writes its output quantized for the integer-dot Wo
+            // product (heads of a multiple of 32 values; else a quantize dispatch follows).
+            let o_q8 = q8.and_then(|[_, _, quant]| k.mat(&l.o).q8.as_ref().map(|mq| (quant, mq)));
+            let merge_q8 = o_q8.is_some() && sh.head_dim.is_multiple_of(32);
+            let merge = if merge_q8 {
+                k.attn.bind_merge_q8(gpu, sh, splits, 1, &b.state, &b.part, &b.xq)?
+            } else {
+                k.attn.bind_merge(gpu, sh, splits, &b.state, &b.part, &b.attn)
+            };
+            let unless_in_o = move |g: [u32; 3]| -> GroupsFn { Box::new(move |s| if in_o(s) { [0, 0, 0] } else { g }) };
             push(
                 &mut steps,
                 "merge",
-                k.attn.bind_merge(gpu, sh, splits, &b.state, &b.part, &b.attn),
+                merge,
                 Box::new(move |s| if in_o(s) { [0, 0, 0] } else { AttentionKernels::merge_groups(sh, s.n) }),
             );
             if merge_in_o {
@@ -511,16 +578,31 @@ impl Decoder {
                 for (bound, g) in mv.bind_merge_add(gpu, &l.o, &b.part, &b.state, &b.x)? {
                     push(&mut steps, "merge_o", bound, Box::new(move |s| if in_o(s) { g } else { [0, 0, 0] }));
                 }
-                for (bound, g) in k.mat(&l.o).mv_add.bind(gpu, &l.o, &b.attn, 0, &b.x, 1)? {
-                    push(&mut steps, "o", bound, Box::new(move |s| if in_o(s) { [0, 0, 0] } else { g }));
+            }
+            match o_q8 {
+                Some((quant, mq)) => {
+                    if !merge_q8 {
+                        let (bound, g) = quant.bind(gpu, &b.attn, None, None, &b.xq, 1, l.o.cols)?;
+                        push(&mut steps, "quantize", bound, unless_in_o(g));
+                    }
+                    for (bound, g) in mq.mv_add.bind(gpu, &l.o, &b.xq, 0, &b.x, 1)? {
+                        push(&mut steps, "o", bound, unless_in_o(g));
+                    }
                 }
-            } else {
-                matmul(&mut steps, "o", &l.o, &b.attn, &b.x, true)?;
+                None if merge_in_o => {
+                    for (bound, g) in k.mat(&l.o).mv_add.bind(gpu, &l.o, &b.attn, 0, &b.x, 1)? {
+                        push(&mut steps, "o", bound, unless_in_o(g));
+                    }
+                }
+                None => matmul(&mut steps, "o", &l.o, &b.attn, &b.x, true)?,
             }
             // Feed-forward block: x += Wdown · (silu(Wgate·n(x)) * Wup·n(x)), the norm fused
             // into the gate/up product when decoding.
             let mk = k.mat(&l.gate);
-            if !fuse_norm {
+            if let Some([quant_norm, _, _]) = q8 {
+                let (bound, g) = quant_norm.bind(gpu, &b.x, Some(&l.ffn_norm), None, &b.xq, 1, c.hidden_size)?;
+                push(&mut steps, "ffn_norm", bound, fixed(g));
+            } else if !fuse_norm {
                 push(
                     &mut steps,
                     "ffn_norm",
@@ -529,6 +611,9 @@ impl Decoder {
                 );
             }
             let list = match (prefill, fuse_norm) {
+                _ if q8.is_some() && mk.q8.is_some() => {
+                    mk.q8.as_ref().unwrap().mv_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xq, 0, &b.ffn, 1)?
+                }
                 (true, _) => mk.mm_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, rows as usize)?,
                 (false, true) => {
                     mk.mv_norm_swiglu.bind_norm_swiglu(gpu, &l.gate, &l.up, &b.x, &l.ffn_norm, &b.ffn, 1)?
@@ -538,20 +623,39 @@ impl Decoder {
             for (bound, g) in list {
                 push(&mut steps, "gate_up", bound, if prefill { matmul_groups(g) } else { fixed(g) });
             }
-            matmul(&mut steps, "down", &l.down, &b.ffn, &b.x, true)?;
+            if let (Some([_, _, quant]), Some(mq)) = (q8, &k.mat(&l.down).q8) {
+                let (bound, g) = quant.bind(gpu, &b.ffn, None, None, &b.xq, 1, l.down.cols)?;
+                push(&mut steps, "quantize", bound, fixed(g));
+                for (bound, g) in mq.mv_add.bind(gpu, &l.down, &b.xq, 0, &b.x, 1)? {
+                    push(&mut steps, "down", bound, fixed(g));
+                }
+            } else {
+                matmul(&mut steps, "down", &l.down, &b.ffn, &b.x, true)?;
+            }
         }
         // The last token's hidden state -> logits -> next token.
         let layers_len = steps.len();
-        push(
-            &mut steps,
-            "final_norm",
-            k.norm.bind_last(gpu, &b.state, &b.x, &w.norm, &b.last, hidden, c.rms_norm_eps)?,
-            fixed([1, 1, 1]),
-        );
         let lm = w.lm_head();
         let mk = k.mat(lm);
-        for (bound, g) in mk.mv.bind(gpu, lm, &b.last, 0, &b.logits, 1)? {
-            push(&mut steps, "lm_head", bound, fixed(g));
+        match (q8k, &mk.q8) {
+            (Some([_, quant_last, _]), Some(mq)) if k.q8_all(&[lm]) => {
+                let (bound, g) = quant_last.bind(gpu, &b.x, Some(&w.norm), Some(&b.state), &b.xq, 1, c.hidden_size)?;
+                push(&mut steps, "final_norm", bound, fixed(g));
+                for (bound, g) in mq.mv.bind(gpu, lm, &b.xq, 0, &b.logits, 1)? {
+                    push(&mut steps, "lm_head", bound, fixed(g));
+                }
+            }
+            _ => {
+                push(
+                    &mut steps,
+                    "final_norm",
+                    k.norm.bind_last(gpu, &b.state, &b.x, &w.norm, &b.last, hidden, c.rms_norm_eps)?,
+                    fixed([1, 1, 1]),
+                );
+                for (bound, g) in mk.mv.bind(gpu, lm, &b.last, 0, &b.logits, 1)? {
+                    push(&mut steps, "lm_head", bound, fixed(g));
+                }
+            }
         }
         push(
             &mut steps,

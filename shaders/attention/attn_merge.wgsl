@@ -13,18 +13,26 @@
 // of o (plus the splits' m and l, one address for the whole group: broadcasts). Partials of
 // one split (prefill) use GROUPS = PER = 1, so that no group idles. Both are pipeline
 // constants; GROUPS * PER >= n_splits.
+// Q8_OUT (hd a multiple of LANES): the output is quantized to 8 bits for the integer-dot Wo
+// product, in quantize_q8.wgsl's layout (query t at word t * q8_stride); a workgroup's
+// slice is exactly one 32-value block, so the quantization costs no dispatch of its own.
 
 struct Params {
     n_heads: u32,
     hd: u32,
     n_splits: u32,
-    _pad: u32,
+    q8_stride: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> state: array<u32>;
 @group(0) @binding(2) var<storage, read> part: array<f32>;
+#if Q8_OUT
+@group(0) @binding(3) var<storage, read_write> out: array<u32>;
+var<workgroup> v_sh: array<f32, LANES>;
+#else
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+#endif
 
 // Keys per attend tile: attend.wgsl uses at most one split per tile.
 const TILE: u32 = 64u;
@@ -99,6 +107,32 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             gl += w * l_sh[k];
             go += w * o_sh[k * LANES + lane];
         }
+#if Q8_OUT
+        v_sh[lane] = go / gl;
+#else
         out[(t * p.n_heads + h) * p.hd + d] = go / gl;
+#endif
     }
+#if Q8_OUT
+    workgroupBarrier();
+    // Invocation i < 8 packs values 4i .. 4i + 3; each finds the block's maximum itself
+    // (32 broadcast reads), invocation 0 also the sum of the bytes.
+    if (lid < 8u) {
+        var amax = 0.0;
+        for (var j = 0u; j < LANES; j++) { amax = max(amax, abs(v_sh[j])); }
+        let inv = select(0.0, 127.0 / amax, amax > 0.0);
+        let q = vec4<i32>(round(vec4<f32>(v_sh[4u * lid], v_sh[4u * lid + 1u], v_sh[4u * lid + 2u], v_sh[4u * lid + 3u]) * inv));
+        let k = p.n_heads * p.hd;
+        let blk = (h * p.hd) / LANES + wid.x;
+        let dst = t * p.q8_stride;
+        out[dst + blk * 8u + lid] = pack4xI8(q);
+        if (lid == 0u) {
+            var qsum = 0;
+            for (var j = 0u; j < LANES; j++) { qsum += i32(round(v_sh[j] * inv)); }
+            let d = amax / 127.0;
+            out[dst + k / 4u + blk * 2u] = bitcast<u32>(d);
+            out[dst + k / 4u + blk * 2u + 1u] = bitcast<u32>(d * f32(qsum));
+        }
+    }
+#endif
 }

@@ -24,6 +24,10 @@
 // in front of Wo, on steps whose splits are few (MERGE_SPLITS; AttentionKernels::
 // merge_in_product): every workgroup reads all the partials, so the work is repeated per
 // workgroup and only pays where the dispatch it saves costs more.
+// XQ8 (fast path, no NORM or MERGE; 8- and 4-bit weights): x is quantized to 8 bits per
+// 32-element block (quantize_q8.wgsl) and each block's dot product is integer (w_dot32q):
+// four byte products per dot4I8Packed where the f32 path decodes every weight, which left
+// the 4-bit products arithmetic-bound on an H100.
 // XG: the main loop reads x from workgroup memory (xg), filled by NORM or MERGE.
 // Bindings and parameters: products.wgsl; the norm weight or the merge's step state follows
 // them.
@@ -55,14 +59,22 @@ alias NormWord = f32;
 override EPS_BITS: u32 = 0u;
 #endif
 
+#if WG256
+const WG: u32 = 256u;
+#else
+#if WG128
+const WG: u32 = 128u;
+#else
 const WG: u32 = 64u;
+#endif
+#endif
 // Rows per segment, a pipeline constant: 4, or 2 or 1 where a matrix is too small to give a
 // GPU enough workgroups at 4 (matvec_rows in matmul.rs). At most 4: one vec4 of sums.
 override R: u32 = 4u;
 // Invocations per row segment: a power of two, at most WG.
 override TPR: u32 = 64u;
 
-var<workgroup> red: array<vec4<f32>, 64>;
+var<workgroup> red: array<vec4<f32>, WG>;
 
 #if XVEC
 // The 32 x of block kb of the vector starting at vec4 xb (normalised, from workgroup memory,
@@ -107,7 +119,7 @@ fn segment_sum(v: vec4<f32>, lid: u32, sgs: u32) -> vec4<f32> {
 #endif
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -175,6 +187,31 @@ fn main(
     }
     workgroupBarrier();
 #endif
+#if XQ8
+    // x is 8-bit blocks (quantize_q8.wgsl): per vector, k / 4 words of bytes and a (d, s)
+    // pair per block, padded to whole vec4s.
+    var acc_rows = vec4<f32>(0.0);
+#if SWIGLU
+    var accu_rows = vec4<f32>(0.0);
+#endif
+    let xb = v * ((p.k / 4u + p.k / 16u + 3u) / 4u);
+    let xds = xb + p.k / 16u;
+    let nb = p.k / 32u;
+    let last_row = p.rows - 1u;
+    for (var kb = lane; kb < nb; kb += TPR) {
+        let lo = x[xb + 2u * kb];
+        let hi = x[xb + 2u * kb + 1u];
+        let dsv = x[xds + (kb >> 1u)];
+        let ds = bitcast<vec2<f32>>(select(dsv.xy, dsv.zw, (kb & 1u) == 1u));
+        for (var r = 0u; r < R; r++) {
+            let row = min(row0 + r, last_row);
+            acc_rows[r] += w_dot32q(0u, row, kb, lo, hi, ds);
+#if SWIGLU
+            accu_rows[r] += w_dot32q(1u, row, kb, lo, hi, ds);
+#endif
+        }
+    }
+#else
 #if XVEC
     // Per row, partial sums that w_fold turns into the dot product.
     var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
@@ -227,6 +264,7 @@ fn main(
             }
         }
     }
+#endif
 #endif
 #if NORM
     let scale = inv_rms;

@@ -19,10 +19,15 @@ struct Params {
 // The attention partials the matvec merges into its vector (matvec.wgsl).
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 #else
+#if XQ8
+// The vectors quantized to 8 bits (quantize_q8.wgsl's layout; matvec.wgsl).
+@group(0) @binding(1) var<storage, read> x: array<vec4<u32>>;
+#else
 #if XVEC
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 #else
 @group(0) @binding(1) var<storage, read> x: array<f32>;
+#endif
 #endif
 #endif
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;

@@ -170,6 +170,49 @@ fn w_dot32v(m: u32, r: u32, kb: u32, xs: array<vec4<f32>, 8>, xsum: f32) -> vec4
 #endif
 }
 
+#if XQ8
+// An integer value |i| < 2^22 as f32 without a conversion instruction (see MAGIC): added to
+// the bits of 1.5 * 2^23 it stays in that float's mantissa.
+fn i2f(i: i32) -> f32 {
+    return bitcast<f32>(i + 0x4B400000) - 12582912.0;
+}
+
+// The dot product of the 32 elements of row r starting at column 32 * kb with a block of
+// x quantized to 8 bits (quantize_q8.wgsl): lo and hi hold its bytes 0..15 and 16..31,
+// ds = (d, d * sum of the bytes). Bytes times weights in integers (four per dot4I8Packed),
+// the scales once per block. The sums stay below 2^22 in magnitude (32 * 128 * 127), as
+// i2f needs.
+fn w_dot32q(m: u32, r: u32, kb: u32, lo: vec4<u32>, hi: vec4<u32>, ds: vec2<f32>) -> f32 {
+    let L = w_layout(m);
+    let b = r * L.x + kb;
+#if W_Q8_0
+    let q0 = wq(m, b * 2u);
+    let q1 = wq(m, b * 2u + 1u);
+    let i = (dot4I8Packed(q0.x, lo.x) + dot4I8Packed(q0.y, lo.y)) + (dot4I8Packed(q0.z, lo.z) + dot4I8Packed(q0.w, lo.w))
+        + (dot4I8Packed(q1.x, hi.x) + dot4I8Packed(q1.y, hi.y)) + (dot4I8Packed(q1.z, hi.z) + dot4I8Packed(q1.w, hi.w));
+    return w_d(m, b) * ds.x * i2f(i);
+#else
+    // Byte j of word i holds elements 4i + j (low nibble) and 16 + 4i + j (high nibble):
+    // the low nibbles pair with lo, the high ones with hi, 0..15 each as signed bytes.
+    let q = wq(m, b);
+    let nib = vec4<u32>(0x0F0F0F0Fu);
+    let l = q & nib;
+    let h = (q >> vec4<u32>(4u)) & nib;
+    let i = (dot4I8Packed(l.x, lo.x) + dot4I8Packed(l.y, lo.y)) + (dot4I8Packed(l.z, lo.z) + dot4I8Packed(l.w, lo.w))
+        + (dot4I8Packed(h.x, hi.x) + dot4I8Packed(h.y, hi.y)) + (dot4I8Packed(h.z, hi.z) + dot4I8Packed(h.w, hi.w));
+#if W_Q4_0
+    // sum w x = d sum (q - 8) x = d (dx * sum q xq - 8 s).
+    return w_d(m, b) * (ds.x * i2f(i) - 8.0 * ds.y);
+#endif
+#if W_Q4_1
+    // sum (d q + m) x = d dx * sum q xq + m s.
+    let dm = w_dm(m, b);
+    return dm.x * ds.x * i2f(i) + dm.y * ds.y;
+#endif
+#endif
+}
+#endif
+
 // The factors that turn w_dot32v's partial sums into the dot product: see q4_word.
 fn w_fold() -> vec4<f32> {
 #if W_Q4_0

@@ -13,6 +13,7 @@ use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnSh
 use crate::kernels::embedding::Embedding;
 use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, OutRows};
 use crate::kernels::probe::{fma_flops, Probes, COPY_GROUPS};
+use crate::kernels::quantize::{q8_words, Q8Input, QuantizeQ8};
 use crate::kernels::rms_norm::RmsNorm;
 use crate::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
 use crate::kernels::Bound;
@@ -217,7 +218,9 @@ impl Bench<'_> {
                 let (mv_name, mm_name) = (format!("matvec_{name}"), format!("matmul_{name}"));
                 let want_mm = prefill && (self.wanted(&mm_name) || self.wanted(&format!("matmul_coop_{name}")));
                 let want_embed = name == "lm_head" && self.wanted("embedding");
-                if !self.wanted(&mv_name) && !want_mm && !want_embed && !self.wanted("matvec_norm") {
+                let q8_name = format!("matvec_q8_{name}");
+                let want_q8 = self.wanted(&q8_name) && MatVec::takes_q8_input(dtype) && cols.is_multiple_of(32);
+                if !self.wanted(&mv_name) && !want_mm && !want_embed && !self.wanted("matvec_norm") && !want_q8 {
                     continue;
                 }
                 let n_mats = if epi == Epilogue::SwiGlu { 2 } else { 1 };
@@ -246,6 +249,21 @@ impl Bench<'_> {
                     let s = self.time_sets(&sets)?;
                     let bytes = w_bytes as f64 + act(1);
                     on_row(&row(&mv_name, size(1), s, bytes, flops));
+                }
+                // The decode product of the vector quantized to 8 bits (integer dot products;
+                // the quantization is its own row, quantize_q8).
+                if want_q8 {
+                    let k = MatVec::with_q8_input(gpu, dtype, epi)?;
+                    let sets = pairs
+                        .iter()
+                        .map(|p| match epi {
+                            Epilogue::SwiGlu => k.bind_swiglu(gpu, &p[0], &p[1], &x, 0, &y, 1),
+                            _ => k.bind(gpu, &p[0], &x, 0, &y, 1),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let s = self.time_sets(&sets)?;
+                    let bytes = w_bytes as f64 + (q8_words(cols) * 4 + rows * 4) as f64;
+                    on_row(&row(&q8_name, size(1), s, bytes, flops));
                 }
                 // The decode product with the layer's RMSNorm fused in front, where it applies.
                 let norm_name = format!("matvec_norm_{name}");
@@ -377,6 +395,33 @@ impl Bench<'_> {
         let gpu = self.gpu;
         let t = self.opts.prefill_tokens;
         let h = sh.hidden as u32;
+        if self.wanted("quantize_q8") {
+            // The RMSNorm + 8-bit quantization in front of a layer's integer-dot products, at
+            // the widths they take (hidden, and the intermediate one plain).
+            for (input, cols) in [(Q8Input::Norm { eps: 1e-5 }, sh.hidden), (Q8Input::Plain, sh.intermediate)] {
+                let k = QuantizeQ8::new(gpu, input)?;
+                let x = gpu.storage("x", cols as u64 * 4)?;
+                let g = gpu.upload("g", &vec![1f32; cols])?;
+                let xq = gpu.storage("xq", q8_words(cols) as u64 * 4)?;
+                let norm = matches!(input, Q8Input::Norm { .. }).then_some(&g);
+                let sets = vec![vec![k.bind(gpu, &x, norm, None, &xq, 1, cols)?]];
+                let s = self.time_sets(&sets)?;
+                let bytes = (cols * 4 * if norm.is_some() { 2 } else { 1 } + q8_words(cols) * 4) as f64;
+                let what = if norm.is_some() { "norm" } else { "plain" };
+                on_row(&Row::new(
+                    "quantize_q8",
+                    sh.name,
+                    "-",
+                    format!("1x{cols} {what}"),
+                    s,
+                    bytes,
+                    0.0,
+                    peaks,
+                    gpu,
+                    &self.timer,
+                ));
+            }
+        }
         if self.wanted("rms_norm") {
             let k = RmsNorm::new(gpu)?;
             let x = gpu.storage("x", (t * h) as u64 * 4)?;
@@ -448,6 +493,9 @@ mod tests {
             "attend_prefill",
             "rms_norm",
             "sample",
+            "matvec_q8_qkv",
+            "matvec_q8_down",
+            "quantize_q8",
         ] {
             assert!(kernels.contains(&k), "{k} missing from {kernels:?}");
         }

@@ -176,6 +176,10 @@ struct ModelArgs {
     /// LONGWAVE_NO_COOP_MATRIX.
     #[arg(long)]
     no_coop_matrix: bool,
+    /// Keep the vectors of 8- and 4-bit weight products in f32 (slower, no 8-bit rounding of
+    /// activations); also LONGWAVE_NO_Q8_ACTIVATIONS.
+    #[arg(long)]
+    no_q8_activations: bool,
 }
 
 #[derive(Args, Clone)]
@@ -212,6 +216,7 @@ impl ModelArgs {
             no_f16: self.no_f16,
             no_subgroups: self.no_subgroups,
             no_coop_matrix: self.no_coop_matrix,
+            no_q8_activations: self.no_q8_activations,
             ..Default::default()
         }
     }
@@ -361,8 +366,8 @@ fn run(cli: Cli) -> longwave::Result<()> {
             println!("using: {}", gpu.describe());
             let c = &gpu.caps;
             println!(
-                "features: shader-f16 {}, subgroups {} (size {}..{}), timestamps {}, matrix units (cooperative matrix f16 16x16x16) {}",
-                c.f16, c.subgroups, c.subgroup_min, c.subgroup_max, c.timestamps, c.coop_matrix
+                "features: shader-f16 {}, subgroups {} (size {}..{}), timestamps {}, matrix units (cooperative matrix f16 16x16x16) {}, 8-bit activations {}",
+                c.f16, c.subgroups, c.subgroup_min, c.subgroup_max, c.timestamps, c.coop_matrix, c.q8_activations
             );
             println!(
                 "limits: max storage binding {:.0} MiB, max buffer {:.0} MiB, workgroup storage {} KiB, invocations {}, storage buffers per stage {}",

@@ -33,6 +33,10 @@ pub struct Caps {
     /// through VK_KHR_cooperative_matrix), with what the kernel that uses them assumes: f16,
     /// subgroups of exactly 32 and [`Caps::COOP_WORKGROUP_BYTES`] of workgroup memory.
     pub coop_matrix: bool,
+    /// Decode products of 8- and 4-bit weights take their vector quantized to 8 bits and
+    /// multiply in integer dot products (`dot4I8Packed`; SPIR-V OpSDot where the driver has
+    /// it, else naga's byte-wise fallback). Off through [`GpuOptions::no_q8_activations`].
+    pub q8_activations: bool,
 }
 
 impl Caps {
@@ -45,6 +49,7 @@ impl Caps {
         subgroups: bool,
         timestamps: bool,
         coop_offered: bool,
+        q8_activations: bool,
         max_binding: u64,
     ) -> Caps {
         let coop_matrix = coop_offered
@@ -67,6 +72,7 @@ impl Caps {
             max_storage_buffers_per_stage: limits.max_storage_buffers_per_shader_stage,
             timestamps,
             coop_matrix,
+            q8_activations,
         }
     }
 
@@ -99,6 +105,10 @@ pub struct GpuOptions {
     /// Do not use cooperative matrices (matrix units) even if offered. Falls back to the
     /// `LONGWAVE_NO_COOP_MATRIX` environment variable (any value).
     pub no_coop_matrix: bool,
+    /// Keep decode products' vectors in f32 for 8- and 4-bit weights instead of quantizing
+    /// them to 8 bits ([`Caps::q8_activations`]). Falls back to the
+    /// `LONGWAVE_NO_Q8_ACTIVATIONS` environment variable (any value).
+    pub no_q8_activations: bool,
     /// Pretend the binding limit is this small (tests of tensor splitting; large tensors are
     /// split into chunks of at most this many bytes). Falls back to `LONGWAVE_MAX_BINDING`
     /// (bytes, or with a K/M/G suffix).
@@ -203,6 +213,7 @@ impl Gpu {
             features.contains(wgpu::Features::TIMESTAMP_QUERY),
             // The properties live on the adapter, which an app's device does not expose.
             false,
+            true,
             u64::MAX,
         );
         let device_errors = Arc::new(Mutex::new(Vec::new()));
@@ -271,7 +282,8 @@ impl Gpu {
             .max_binding
             .or_else(|| std::env::var("LONGWAVE_MAX_BINDING").ok().and_then(|v| parse_bytes(&v)))
             .unwrap_or(u64::MAX);
-        let caps = Caps::new(&info, &limits, f16, subgroups, timestamps, coop, max_binding);
+        let q8 = !opts.no_q8_activations && std::env::var_os("LONGWAVE_NO_Q8_ACTIVATIONS").is_none();
+        let caps = Caps::new(&info, &limits, f16, subgroups, timestamps, coop, q8, max_binding);
         Ok(Arc::new(Gpu {
             device,
             queue,

@@ -6,7 +6,7 @@
 
 use super::{Bound, REDUCE_WGSL};
 use crate::gpu::{Gpu, GpuBuffer, PipelineKey};
-use crate::Result;
+use crate::{Error, Result};
 use std::sync::Arc;
 
 const KV_WGSL: &str = include_str!("../../shaders/attention/kv_store.wgsl");
@@ -91,7 +91,8 @@ struct MergeParams {
     n_heads: u32,
     hd: u32,
     n_splits: u32,
-    _pad: u32,
+    /// Words per query of the 8-bit output (Q8_OUT).
+    q8_stride: u32,
 }
 
 /// cos/sin table `[max_ctx][head_dim / 2]` for the rope kernel. The angle is rounded to f32
@@ -313,11 +314,49 @@ impl AttentionKernels {
         part: &GpuBuffer,
         out: &GpuBuffer,
     ) -> Bound {
-        let params =
-            gpu.uniform("attn_merge", &MergeParams { n_heads: sh.n_heads, hd: sh.head_dim, n_splits: splits, _pad: 0 });
+        let params = gpu.uniform(
+            "attn_merge",
+            &MergeParams { n_heads: sh.n_heads, hd: sh.head_dim, n_splits: splits, q8_stride: 0 },
+        );
         let merge = &self.merge[(splits > 1) as usize];
         let bind_group = gpu.bind_group(merge, &[params.binding(), state.binding(), part.binding(), out.binding()]);
         Bound { pipeline: merge.clone(), bind_group, params: Some(params) }
+    }
+
+    /// [`AttentionKernels::bind_merge`] with the output quantized to 8 bits per 32 values
+    /// ([`crate::kernels::quantize`]'s layout, query t at word `t * q8_words(n_heads *
+    /// head_dim)` of xq), for the integer-dot Wo product. Needs head_dim a multiple of 32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_merge_q8(
+        &self,
+        gpu: &Gpu,
+        sh: AttnShape,
+        splits: u32,
+        n: u32,
+        state: &GpuBuffer,
+        part: &GpuBuffer,
+        xq: &GpuBuffer,
+    ) -> Result<Bound> {
+        let k = (sh.n_heads * sh.head_dim) as usize;
+        let stride = crate::kernels::quantize::q8_words(k);
+        if !sh.head_dim.is_multiple_of(Self::MERGE_LANES) {
+            return Err(Error::InvalidArgument(format!(
+                "an 8-bit merge output takes heads of a multiple of 32 values, not {}",
+                sh.head_dim
+            )));
+        }
+        if xq.size < (n as usize * stride * 4) as u64 {
+            return Err(Error::InvalidArgument(format!("xq of {} bytes for {n} vectors of {k}", xq.size)));
+        }
+        let (groups, per) = if splits > 1 { Self::MERGE_MANY } else { Self::MERGE_ONE };
+        let key = PipelineKey::new("attn_merge", &[MERGE_WGSL], gpu.flags()).define("Q8_OUT");
+        let pipeline = gpu.pipeline(&key.constant("GROUPS", groups).constant("PER", per))?;
+        let params = gpu.uniform(
+            "attn_merge_q8",
+            &MergeParams { n_heads: sh.n_heads, hd: sh.head_dim, n_splits: splits, q8_stride: stride as u32 },
+        );
+        let bind_group = gpu.bind_group(&pipeline, &[params.binding(), state.binding(), part.binding(), xq.binding()]);
+        Ok(Bound { pipeline, bind_group, params: Some(params) })
     }
 
     /// One workgroup per (32 output values of a head, head, query): more workgroups than
@@ -623,6 +662,23 @@ mod tests {
             let got: Vec<f32> = gpu.read(&out, 0, n as usize * nh * hd).unwrap();
             let want: Vec<f64> = parts.iter().flat_map(|p| p.output()).collect();
             assert_close(&format!("merge {sh:?} splits {splits} past {past} n {n}"), &got, &want, 1e-5, 1e-4);
+            // The 8-bit output: the blocks of the f32 output as quantize_q8 makes them.
+            let kq = nh * hd;
+            let stride = crate::kernels::quantize::q8_words(kq);
+            let xq = gpu.storage("xq", (n as usize * stride * 4) as u64).unwrap();
+            let bound = k.bind_merge_q8(gpu, sh, splits, n, &state, &part, &xq);
+            if hd % 32 != 0 {
+                assert!(bound.is_err());
+                continue;
+            }
+            let mb = bound.unwrap();
+            crate::kernels::run_pass(gpu, |p| mb.record(p, AttentionKernels::merge_groups(sh, n))).unwrap();
+            let words: Vec<u32> = gpu.read(&xq, 0, n as usize * stride).unwrap();
+            for t in 0..n as usize {
+                let blocks = crate::kernels::quantize::unpack(&words[t * stride..], kq);
+                let wanted = crate::kernels::quantize::reference(&got[t * kq..(t + 1) * kq]);
+                crate::kernels::quantize::tests::check(&format!("merge q8 {sh:?} t {t}"), &blocks, &wanted);
+            }
         }
     }
 }

@@ -12,6 +12,7 @@
 
 use super::Bound;
 use crate::gpu::{Gpu, GpuBuffer, PipelineKey};
+use crate::kernels::quantize::q8_words;
 use crate::model::quant::{self, DType, GpuLayout};
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -172,6 +173,7 @@ fn check_operands(
     y: &GpuBuffer,
     y_out: OutRows,
     n: usize,
+    x_q8: bool,
 ) -> Result<()> {
     let w = mats[0];
     if y_out.offset + w.rows > y_out.stride {
@@ -199,7 +201,9 @@ fn check_operands(
             )));
         }
     }
-    let x_end = n.checked_mul(w.cols).and_then(|v| v.checked_add(x_offset));
+    // Floats of x, or words of its 8-bit blocks (x_q8).
+    let per_vector = if x_q8 { q8_words(w.cols) } else { w.cols };
+    let x_end = n.checked_mul(per_vector).and_then(|v| v.checked_add(x_offset));
     let y_end =
         n.checked_sub(1).and_then(|v| v.checked_mul(y_out.stride)).and_then(|v| v.checked_add(y_out.offset + w.rows));
     match (x_end, y_end) {
@@ -308,6 +312,23 @@ pub fn matvec_rows(gpu: &Gpu, rows: usize, segments: usize) -> usize {
     [4, 2].into_iter().find(|&r| rows.div_ceil(r * segments) >= MATVEC_MIN_GROUPS).unwrap_or(1)
 }
 
+/// Invocations per workgroup of the matvec of 8-bit vectors with `cols` columns: 128, or
+/// 256 for rows of 256 blocks and more, where the f32 path keeps 64. Its loop is short on
+/// arithmetic, so what limits it is how many loads are in flight; more invocations per row
+/// put more there. Measured on an H100, 8B shape Q4_0 at 1K context
+/// (benches/RESULTS.md, round 7): 64 -> 128 took decode from 291 to 312 tok/s, and 256 cut
+/// the down product (14336 columns) a further 8% while slowing the 4096-column ones. A CPU
+/// adapter keeps 64 (one workgroup per core at a time).
+pub fn matvec_q8_workgroup(gpu: &Gpu, cols: usize) -> usize {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        64
+    } else if cols / 32 >= 256 {
+        256
+    } else {
+        128
+    }
+}
+
 /// Workgroups below which a matvec takes fewer rows per segment (see [`matvec_rows`]).
 pub const MATVEC_MIN_GROUPS: usize = 1024;
 
@@ -324,9 +345,14 @@ pub struct MergeInput {
 /// 32 elements (element-wise path) each, a power of two from 4 to 64. Short rows thus get
 /// more rows per workgroup instead of idle invocations.
 pub fn threads_per_row(cols: usize, fast: bool) -> u32 {
+    threads_per_row_of(cols, fast, 64)
+}
+
+/// [`threads_per_row`] in workgroups of `wg` invocations: up to `wg`.
+fn threads_per_row_of(cols: usize, fast: bool, wg: usize) -> u32 {
     let units = if fast { cols / 32 } else { cols.div_ceil(32) };
     let p = if units <= 1 { 1 } else { 1usize << (usize::BITS - 1 - units.leading_zeros()) };
-    p.clamp(4, 64) as u32
+    p.clamp(4, wg) as u32
 }
 
 /// Decode product `y[v, :] = W x[v, :]` for `v < n` (x `[n, K]` from `x_offset` elements, y
@@ -340,6 +366,10 @@ pub struct MatVec {
     merge: Option<MergeInput>,
     /// Rows per segment instead of [`matvec_rows`]'s choice (tests of every variant).
     rows_per_segment: Option<usize>,
+    /// x is 8-bit blocks ([`MatVec::with_q8_input`]).
+    q8_input: bool,
+    /// Invocations per workgroup instead of [`matvec_q8_workgroup`]'s choice (tests).
+    workgroup: Option<usize>,
 }
 
 impl MatVec {
@@ -358,7 +388,8 @@ impl MatVec {
     }
 
     fn build(gpu: &Gpu, dtype: DType, epilogue: Epilogue, norm_eps: Option<f32>) -> Result<MatVec> {
-        let k = MatVec { dtype, epilogue, norm_eps, merge: None, rows_per_segment: None };
+        let k =
+            MatVec { dtype, epilogue, norm_eps, merge: None, rows_per_segment: None, q8_input: false, workgroup: None };
         // The fast path is what real models use; compile it now. The element-wise path (odd
         // shapes) compiles on first bind.
         gpu.pipeline(&k.key(gpu, true, 64).constant("R", 4))?;
@@ -374,6 +405,18 @@ impl MatVec {
         Ok(self)
     }
 
+    /// Forces 64, 128 or 256 invocations per workgroup of a matvec of 8-bit vectors (tests;
+    /// normally [`matvec_q8_workgroup`]).
+    pub fn with_workgroup(mut self, wg: usize) -> Result<MatVec> {
+        if !self.q8_input || ![64, 128, 256].contains(&wg) {
+            return Err(Error::InvalidArgument(format!(
+                "{wg} invocations per workgroup (64, 128 or 256, for 8-bit vectors only)"
+            )));
+        }
+        self.workgroup = Some(wg);
+        Ok(self)
+    }
+
     /// `y += W merge(partials)`: the attention merge (attn_merge.wgsl's result) computed by
     /// every workgroup in front of the product, for decode steps that use at most
     /// [`MatVec::MERGE_SPLITS`] splits ([`MatVec::bind_merge_add`]). Needs the fast path
@@ -386,9 +429,43 @@ impl MatVec {
                 Self::NORM_MAX_COLS
             )));
         }
-        let k = MatVec { dtype, epilogue: Epilogue::Add, norm_eps: None, merge: Some(input), rows_per_segment: None };
+        let k = MatVec {
+            dtype,
+            epilogue: Epilogue::Add,
+            norm_eps: None,
+            merge: Some(input),
+            rows_per_segment: None,
+            q8_input: false,
+            workgroup: None,
+        };
         gpu.pipeline(&k.key(gpu, true, threads_per_row(cols, true)).constant("R", 4))?;
         Ok(k)
+    }
+
+    /// A product of vectors quantized to 8 bits per 32-element block
+    /// ([`crate::kernels::quantize::QuantizeQ8`]'s output, bound as x), in integer dot
+    /// products; for the formats [`MatVec::takes_q8_input`] names. Binds like the plain
+    /// kernel (bind, bind_into, bind_swiglu), with offset 0.
+    pub fn with_q8_input(gpu: &Gpu, dtype: DType, epilogue: Epilogue) -> Result<MatVec> {
+        if !Self::takes_q8_input(dtype) {
+            return Err(Error::InvalidArgument(format!("{} weights take f32 vectors, not 8-bit ones", dtype.name())));
+        }
+        let k = MatVec {
+            dtype,
+            epilogue,
+            norm_eps: None,
+            merge: None,
+            rows_per_segment: None,
+            q8_input: true,
+            workgroup: None,
+        };
+        gpu.pipeline(&k.key(gpu, true, 64).constant("R", 4))?;
+        Ok(k)
+    }
+
+    /// Weight formats with an integer-dot product of 8-bit vectors: the 8- and 4-bit ones.
+    pub fn takes_q8_input(dtype: DType) -> bool {
+        matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
     }
 
     /// Splits a step may use for [`MatVec::with_merge`] (matvec.wgsl's MERGE_SPLITS).
@@ -432,7 +509,9 @@ impl MatVec {
         if let Some(d) = self.epilogue.define() {
             key = key.define(d);
         }
-        if fast {
+        if self.q8_input {
+            key = key.define("XQ8");
+        } else if fast {
             key = key.define("XVEC");
         }
         if let Some(eps) = self.norm_eps {
@@ -558,7 +637,13 @@ impl MatVec {
         y_out: OutRows,
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
-        check_operands("matvec", self.dtype, mats, x, x_offset, y, y_out, n)?;
+        check_operands("matvec", self.dtype, mats, x, x_offset, y, y_out, n, self.q8_input)?;
+        if self.q8_input && (!mats[0].cols.is_multiple_of(32) || x_offset != 0) {
+            return Err(Error::InvalidArgument(format!(
+                "a matvec of 8-bit vectors takes a multiple of 32 columns from offset 0, not {} from {x_offset}",
+                mats[0].cols
+            )));
+        }
         match (self.merge.is_some(), norm) {
             (true, None) => {
                 return Err(Error::InvalidArgument("a matvec built with_merge binds through bind_merge_add".into()))
@@ -567,12 +652,23 @@ impl MatVec {
             (false, _) => Self::check_norm(self.norm_eps.is_some(), norm, mats[0].cols)?,
         }
         let w = mats[0];
-        let fast = w.cols.is_multiple_of(32) && x_offset.is_multiple_of(4);
-        let tpr = threads_per_row(w.cols, fast);
-        let segments = 64 / tpr as usize;
+        let fast = self.q8_input || (w.cols.is_multiple_of(32) && x_offset.is_multiple_of(4));
+        let wg = match (self.q8_input, self.workgroup) {
+            (true, Some(wg)) => wg,
+            (true, None) => matvec_q8_workgroup(gpu, w.cols),
+            (false, _) => 64,
+        };
+        let tpr = threads_per_row_of(w.cols, fast, wg);
+        let segments = wg / tpr as usize;
         let largest = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0);
         let r = self.rows_per_segment.unwrap_or_else(|| matvec_rows(gpu, largest, segments));
-        let pipeline = gpu.pipeline(&self.key(gpu, fast, tpr).constant("R", r as u32))?;
+        let mut key = self.key(gpu, fast, tpr).constant("R", r as u32);
+        if wg == 256 {
+            key = key.define("WG256");
+        } else if wg == 128 {
+            key = key.define("WG128");
+        }
+        let pipeline = gpu.pipeline(&key)?;
         let rows_per_group = r * segments;
         if largest.div_ceil(rows_per_group) > 65535 {
             return Err(Error::InvalidArgument(format!(
@@ -714,7 +810,7 @@ impl MatMul {
         y_out: OutRows,
         t: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
-        check_operands("matmul", self.dtype, mats, x, x_offset, y, y_out, t)?;
+        check_operands("matmul", self.dtype, mats, x, x_offset, y, y_out, t, false)?;
         let coop = self.coop && mats[0].cols.is_multiple_of(32) && x_offset.is_multiple_of(4);
         let pipeline = if coop == self.coop {
             self.pipeline.clone()
@@ -953,6 +1049,83 @@ pub(crate) mod tests {
         // The widest vector a fused norm takes, once per path.
         norm_case(&variants()[0], DType::Q4_0, Epilogue::SwiGlu, 70, 2048, 5);
         norm_case(&variants()[0], DType::F16, Epilogue::Store, 70, 2048, 6);
+    }
+
+    /// A product of 8-bit vectors (`t` of them, quantized on the CPU) against the f64
+    /// product of the dequantized weights and the dequantized vectors: the integer dot
+    /// products are exact, so only f32 rounding of the scales and sums remains.
+    fn q8_case(gpu: &Gpu, dtype: DType, epi: Epilogue, n: usize, k: usize, t: usize, seed: u64) {
+        use crate::kernels::quantize;
+        let mut rng = Rng::new(seed);
+        let (gq, gd) = weights(dtype, n, k, &mut rng);
+        let (uq, ud) = weights(dtype, n, k, &mut rng);
+        let x = rng.vec(t * k, 2.0);
+        let blocks: Vec<Vec<quantize::Q8Block>> = x.chunks_exact(k).map(quantize::reference).collect();
+        let xd: Vec<f32> = blocks.iter().flat_map(|b| quantize::dequantize(b)).collect();
+        let words: Vec<u32> = blocks.iter().flat_map(|b| quantize::pack(b)).collect();
+        let y0 = rng.vec(t * n, 2.0);
+        let gm = GpuMatrix::upload(gpu, "g", dtype, n, k, &gq).unwrap();
+        let um = GpuMatrix::upload(gpu, "u", dtype, n, k, &uq).unwrap();
+        let (xb, yb) = (gpu.upload("xq", &words).unwrap(), gpu.upload("y", &y0).unwrap());
+        let rows = [4, 2, 1][(seed % 3) as usize];
+        let wg = [64, 128, 256][(seed / 3 % 3) as usize];
+        let kern = MatVec::with_q8_input(gpu, dtype, epi)
+            .unwrap()
+            .with_rows_per_segment(rows)
+            .unwrap()
+            .with_workgroup(wg)
+            .unwrap();
+        let bound = match epi {
+            Epilogue::SwiGlu => kern.bind_swiglu(gpu, &gm, &um, &xb, 0, &yb, t),
+            _ => kern.bind(gpu, &gm, &xb, 0, &yb, t),
+        }
+        .unwrap();
+        run_pass(gpu, |p| bound.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
+        let got: Vec<f32> = gpu.read(&yb, 0, t * n).unwrap();
+        let what =
+            format!("q8 matvec {} {epi:?} N={n} K={k} T={t} rows {rows} wg {wg} {:?}", dtype.name(), gpu.flags());
+        let sg = abs_scale(&gd, &xd, n, k);
+        match epi {
+            Epilogue::Store => check(&what, &got, &reference(&gd, &xd, n, k), &sg),
+            Epilogue::Add => {
+                let s: Vec<f64> = sg.iter().zip(&y0).map(|(s, y)| s + y.abs() as f64).collect();
+                check(&what, &got, &reference_add(&y0, &gd, &xd, n, k), &s)
+            }
+            Epilogue::SwiGlu => {
+                let (gr, ur, su) = (reference(&gd, &xd, n, k), reference(&ud, &xd, n, k), abs_scale(&ud, &xd, n, k));
+                let s: Vec<f64> = (0..gr.len())
+                    .map(|i| 1.1 * sg[i] * (ur[i].abs() + su[i]) + (gr[i].abs() + sg[i]) * su[i])
+                    .collect();
+                check(&what, &got, &reference_swiglu(&gd, &ud, &xd, n, k), &s)
+            }
+        }
+    }
+
+    #[test]
+    fn matvec_q8_input() {
+        for gpu in variants() {
+            for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+                for (i, &(n, k, t)) in
+                    [(37, 32, 1), (5, 96, 3), (70, 576, 1), (1536, 576, 1), (33, 4096, 2)].iter().enumerate()
+                {
+                    for epi in EPIS {
+                        q8_case(gpu, dtype, epi, n, k, t, i as u64 * 3 + epi as u64);
+                    }
+                }
+            }
+        }
+        // Llama-3-8B's widest input (down: 14336 columns), once.
+        q8_case(&variants()[0], DType::Q4_0, Epilogue::Add, 130, 14336, 1, 7);
+        let gpu = &variants()[0];
+        assert!(MatVec::with_q8_input(gpu, DType::F16, Epilogue::Store).is_err());
+        let k = MatVec::with_q8_input(gpu, DType::Q4_0, Epilogue::Store).unwrap();
+        let mut rng = Rng::new(1);
+        let (q, _) = weights(DType::Q4_0, 8, 64, &mut rng);
+        let m = GpuMatrix::upload(gpu, "w", DType::Q4_0, 8, 64, &q).unwrap();
+        let y = gpu.storage("y", 64).unwrap();
+        // A buffer too small for one 8-bit vector of 64 (20 words), and a nonzero offset.
+        assert!(k.bind(gpu, &m, &gpu.storage("x", 64).unwrap(), 0, &y, 1).is_err());
+        assert!(k.bind(gpu, &m, &gpu.storage("x", 1024).unwrap(), 4, &y, 1).is_err());
     }
 
     /// `y += W merge(partials)` for a decode step at `pos` against the CPU merge

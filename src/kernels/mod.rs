@@ -8,6 +8,7 @@ pub mod attention;
 pub mod embedding;
 pub mod matmul;
 pub mod probe;
+pub mod quantize;
 pub mod rms_norm;
 pub mod sampling;
 

@@ -17,7 +17,10 @@ Three parts, one table:
       Hugging Face directory `longwave convert` writes, against transformers on CUDA in f32
       with that directory's weights;
   (c) a Llama-3-8B-shaped model with random weights made here by PyTorch (transformers'
-      initialisation, std 0.02, stored as f16 safetensors): compared the same way.
+      initialisation, std 0.02, stored as f16 safetensors): compared the same way;
+  (d) part `8b-q4`: the same shape with Q4_0 weights from `longwave synth` (decode through the
+      integer-dot products of 8-bit vectors), against transformers with the weights dequantized
+      by `longwave convert`.
 Exits 1 when any row is over its tolerance.
 """
 
@@ -82,6 +85,15 @@ def dequant(raw, dtype, rows, cols):
 
 # --- (a) kernels ----------------------------------------------------------------------------
 
+def q8_blocks(raw, k):
+    """Bytes, scales d and sums s (d * sum of the bytes) of one vector of 8-bit blocks
+    (quantize_q8.wgsl's layout: k signed bytes, then (d, s) as f32 per block)."""
+    b = raw.to(torch.uint8)
+    q = b[:k].view(torch.int8).reshape(-1, 32).to(DEV)
+    ds = b[k:k + 8 * (k // 32)].view(torch.float32).reshape(-1, 2).to(DEV)
+    return q, ds[:, 0], ds[:, 1]
+
+
 def rope(x, pos, inv_freq):
     """Rotate-half RoPE of x [..., hd] at positions pos [n] (angle rounded to f32 first)."""
     ang = (pos.float()[:, None] * inv_freq[None, :]).double()
@@ -105,6 +117,24 @@ def kernels(f, tol):
             if m["epilogue"] == "add":
                 y = y + t(f"{case}/y0")
             report("kernel", case, rel(t(f"{case}/y"), y), tol["matmul_f16" if m.get("matrix_units") else "matmul"])
+        elif op == "quantize_q8":
+            x, g = t(f"{case}/x"), t(f"{case}/g")
+            xn = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + m["eps"]) * g
+            q, d, s = q8_blocks(f.get_tensor(f"{case}/words"), m["cols"])
+            xd = (q.double() * d[:, None].double()).reshape(1, -1)
+            # Rounding to 8 bits moves each value by at most half a step (d / 2) of its block.
+            step = (xd - xn.double()).abs().reshape(-1, 32) / d[:, None].double()
+            report("kernel", case + " (half steps)", step.max().item() * 2, 1.0 + 1e-3,
+                   f"vector error {rel(xd.float(), xn):.1e}")
+            report("kernel", case + " sums", rel(s, d * q.sum(1).float()), tol["norm"])
+        elif op == "matvec_q8":
+            q, d, _ = q8_blocks(f.get_tensor(f"{m['q8']}/words"), m["cols"])
+            x = (q.double() * d[:, None].double()).reshape(1, -1)
+            w = dequant(f.get_tensor(m["w"]), m["dtype"], m["rows"], m["cols"]).double()
+            y = x @ w.T
+            if m["epilogue"] == "add":
+                y = y + t(f"{case}/y0").double()
+            report("kernel", case, rel(t(f"{case}/y"), y.float()), tol["matmul"])
         elif op == "matvec_merge":
             # Merge the splits in use (l > 0) into the attention output, then Wo.
             part = t(f"{case}/part")[:, :m["used"]].double()
@@ -319,6 +349,32 @@ def llama8b(args, tol):
            f"{ppl:.2f} vs {ref_ppl:.2f}")
 
 
+def llama8b_q4(args, tol):
+    """The 8B shape with Q4_0 weights (longwave synth), whose decode steps run the integer-dot
+    products of 8-bit vectors on GPUs: greedy tokens and logits against transformers with the
+    same weights dequantized (longwave convert)."""
+    from transformers import AutoModelForCausalLM
+    g = os.path.join(args.work, "llama3-8b-q4_0.gguf")
+    hf = os.path.join(args.work, "llama3-8b-q4_0-hf")
+    subprocess.run([args.longwave, "synth", "--shape", "llama3-8b", "--dtype", "q4_0", "--layers", str(args.layers),
+                    "--out", g], check=True)
+    subprocess.run([args.longwave, "convert", "--model", g, "--out", hf], check=True)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 128000, (96,), generator=gen).tolist()
+    at = [16, len(ids)]
+    from_, n_greedy = 32, 64
+    got, nll, greedy = longwave_logits(args, g, ids, at, os.path.join(args.work, "llama3-8b-q4.safetensors"),
+                                       greedy=(from_, n_greedy))
+    model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).to(DEV).eval()
+    greedy_gap("8b-q4", "llama3-8b q4_0", model, ids[:from_], greedy, tol)
+    ref, _ = torch_logits(model, ids)
+    for n, l in got.items():
+        report("8b-q4", f"llama3-8b q4_0 logits @{n} (relative)", rel(l, ref[n - 1]), tol["logit_rel_f16"],
+               "argmax same" if int(l.argmax()) == int(ref[n - 1].argmax()) else "argmax differs")
+    del model
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", required=True,
@@ -354,6 +410,8 @@ def main():
         default_model(args, tol)
     if "8b" in parts:
         llama8b(args, tol)
+    if "8b-q4" in parts:
+        llama8b_q4(args, tol)
     failed = [r for r in ROWS if not r[4]]
     summary = (f"{len(ROWS) - len(failed)} of {len(ROWS)} within tolerance; {datetime.date.today()}; "
                f"{torch.cuda.get_device_name() if DEV == 'cuda' else DEV}; torch {torch.__version__}")
