@@ -226,10 +226,10 @@ fn norm_and_sampling(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -
         let seen: Vec<u32> = (0..v.div_ceil(32)).map(|i| (i as u32).wrapping_mul(2654435761)).collect();
         let (lb, sb) = (gpu.upload("logits", &logits)?, gpu.upload("seen", &seen)?);
         let (state, tokens) = (gpu.storage("state", 16)?, gpu.storage("tokens", 16)?);
-        let b = k.bind_sample(gpu, v as u32, &lb, &sb, &state, &tokens);
+        let b = k.bind_sample(gpu, v as u32, &lb, &sb, &state, &tokens)?;
         let params = SamplingParams { temperature: 0.0, repetition_penalty: pen, ..Default::default() };
-        b.set_params(&gpu.queue, &SampleParams::new(v as u32, &params));
-        run(gpu, &[(b, [1, 1, 1])])?;
+        b[1].0.set_params(&gpu.queue, &SampleParams::new(v as u32, &params));
+        run(gpu, &b)?;
         let case = format!("{}/sample_greedy/penalty{pen}", sh.name);
         out.f32(format!("{case}/logits"), &[v], &logits);
         out.raw(format!("{case}/seen"), Dtype::I32, &[seen.len()], bytemuck::cast_slice(&seen).to_vec());

@@ -657,12 +657,11 @@ impl Decoder {
                 }
             }
         }
-        push(
-            &mut steps,
-            "sample",
-            k.sampling.bind_sample(gpu, c.vocab_size as u32, &b.logits, &b.seen, &b.state, &b.tokens),
-            fixed([1, 1, 1]),
-        );
+        let [(argmax, ga), (sample, gs)] =
+            k.sampling.bind_sample(gpu, c.vocab_size as u32, &b.logits, &b.seen, &b.state, &b.tokens)?;
+        push(&mut steps, "argmax", argmax, fixed(ga));
+        // Last: Session sets the sampling parameters through it.
+        push(&mut steps, "sample", sample, fixed(gs));
         Ok((steps, layers_len))
     }
 }

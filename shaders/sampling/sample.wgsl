@@ -5,7 +5,10 @@
 // a counter-based random number (seed, step). temperature 0 means greedy (lowest id on ties).
 // top-k and top-p thresholds are found by radix selection on order-preserving integer keys of
 // the logits: 32 counting passes each, no sort and no scratch memory beyond the workgroup.
-// One workgroup of 256 invocations.
+// Two entry points: argmax_parts (workgroup i finds the best score of logits
+// [i * PART, (i + 1) * PART)), then main, one workgroup of 256 invocations, which reduces
+// those to the argmax and samples. The argmax over a 128K vocabulary in one workgroup took
+// ~100 us on an H100; spread over 32 workgroups it is one round of loads each.
 
 struct Params {
     vocab: u32,
@@ -22,14 +25,17 @@ struct Params {
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 // Bit i set when token i is in the context (for the repetition penalty).
 @group(0) @binding(2) var<storage, read_write> seen: array<u32>;
+// Per argmax workgroup: the bits of its best score and that token id.
+@group(0) @binding(3) var<storage, read_write> parts: array<vec2<u32>>;
 // [0] position of the step's first token, [1] tokens in the step, [2] draws so far.
-@group(0) @binding(3) var<storage, read_write> state: array<u32>;
+@group(0) @binding(4) var<storage, read_write> state: array<u32>;
 // tokens[0] receives the sampled token: the next step's input.
-@group(0) @binding(4) var<storage, read_write> tokens: array<u32>;
+@group(0) @binding(5) var<storage, read_write> tokens: array<u32>;
 
 const WG: u32 = 256u;
-// Logits each invocation loads at once in the argmax.
+// Logits each invocation of argmax_parts loads, all at once, and per workgroup.
 const LOADS: u32 = 16u;
+const PART: u32 = LOADS * WG;
 var<workgroup> red_f: array<f32, 256>;
 var<workgroup> red_u: array<u32, 256>;
 var<workgroup> pick: u32;
@@ -79,29 +85,10 @@ fn pcg(v: u32) -> u32 {
     return (w >> 22u) ^ w;
 }
 
-@compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) lid: u32) {
-    let n = p.vocab;
-    let chunk = (n + WG - 1u) / WG;
-    let lo = min(lid * chunk, n);
-    let hi = min(lo + chunk, n);
+struct Best { z: f32, i: u32 }
 
-    // Best (largest score, lowest id) of ids lid, lid + WG, ...: neighbouring invocations
-    // read neighbouring logits, and each loads sixteen before comparing any, so the loads
-    // overlap (a contiguous range per invocation, one load at a time, took 100-230 us for a
-    // 128K vocabulary on an H200; four at a time still ~100 us on an H100).
-    var best = -3.4e38;
-    var best_i = 0xffffffffu;
-    let last = n - 1u;
-    for (var i0 = lid; i0 < n; i0 += LOADS * WG) {
-        var z: array<f32, LOADS>;
-        for (var j = 0u; j < LOADS; j++) { z[j] = score(min(i0 + j * WG, last)); }
-        for (var j = 0u; j < LOADS; j++) {
-            // Ids are increasing here, so ">" keeps the lowest id among equals.
-            let i = i0 + j * WG;
-            if (i < n && z[j] > best) { best = z[j]; best_i = i; }
-        }
-    }
+// The best (score, id) over the workgroup: larger score, then lower id.
+fn reduce_best(best: f32, best_i: u32, lid: u32) -> Best {
     red_f[lid] = best;
     red_u[lid] = best_i;
     workgroupBarrier();
@@ -115,9 +102,48 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         }
         workgroupBarrier();
     }
-    let zmax = red_f[0];
-    let argmax = red_u[0];
+    let r = Best(red_f[0], red_u[0]);
     workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(256)
+fn argmax_parts(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n = p.vocab;
+    let last = n - 1u;
+    let i0 = wid.x * PART + lid;
+    // Neighbouring invocations read neighbouring logits; all loads before any comparison.
+    var z: array<f32, LOADS>;
+    for (var j = 0u; j < LOADS; j++) { z[j] = score(min(i0 + j * WG, last)); }
+    var best = -3.4e38;
+    var best_i = 0xffffffffu;
+    for (var j = 0u; j < LOADS; j++) {
+        // Ids are increasing here, so ">" keeps the lowest id among equals.
+        let i = i0 + j * WG;
+        if (i < n && z[j] > best) { best = z[j]; best_i = i; }
+    }
+    let r = reduce_best(best, best_i, lid);
+    if (lid == 0u) { parts[wid.x] = vec2<u32>(bitcast<u32>(r.z), r.i); }
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) lid: u32) {
+    let n = p.vocab;
+    let chunk = (n + WG - 1u) / WG;
+    let lo = min(lid * chunk, n);
+    let hi = min(lo + chunk, n);
+
+    // The best of the argmax workgroups' results (ordered by id, so ties keep the lowest).
+    var best = -3.4e38;
+    var best_i = 0xffffffffu;
+    for (var k = lid; k < (n + PART - 1u) / PART; k += WG) {
+        let b = parts[k];
+        let z = bitcast<f32>(b.x);
+        if (z > best || (z == best && b.y < best_i)) { best = z; best_i = b.y; }
+    }
+    let am = reduce_best(best, best_i, lid);
+    let zmax = am.z;
+    let argmax = am.i;
 
     var chosen = argmax;
     if (p.temperature > 0.0) {

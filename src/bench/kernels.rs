@@ -448,9 +448,9 @@ impl Bench<'_> {
             let nucleus = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, ..Default::default() };
             for (label, sp) in [("greedy", greedy), ("t=0.8 k=40 p=0.95", nucleus)] {
                 let state = gpu.storage("state", 16)?;
-                let b = k.bind_sample(gpu, v, &logits, &seen, &state, &tokens);
-                b.set_params(&gpu.queue, &SampleParams::new(v, &sp));
-                let s = self.time_sets(&[vec![(b, [1, 1, 1])]])?;
+                let b = k.bind_sample(gpu, v, &logits, &seen, &state, &tokens)?;
+                b[1].0.set_params(&gpu.queue, &SampleParams::new(v, &sp));
+                let s = self.time_sets(&[b.into_iter().collect()])?;
                 let bytes = v as f64 * 4.0;
                 let r =
                     Row::new("sample", sh.name, "-", format!("{label} v={v}"), s, bytes, 0.0, peaks, gpu, &self.timer);

@@ -80,6 +80,7 @@ struct NllParams {
 }
 
 pub struct SamplingKernels {
+    argmax: Arc<wgpu::ComputePipeline>,
     sample: Arc<wgpu::ComputePipeline>,
     nll: Arc<wgpu::ComputePipeline>,
 }
@@ -88,13 +89,17 @@ impl SamplingKernels {
     pub fn new(gpu: &Gpu) -> Result<SamplingKernels> {
         let f = gpu.flags();
         Ok(SamplingKernels {
+            argmax: gpu.pipeline(&PipelineKey::new("sample", &[SAMPLE_WGSL], f).entry("argmax_parts"))?,
             sample: gpu.pipeline(&PipelineKey::new("sample", &[SAMPLE_WGSL], f))?,
             nll: gpu.pipeline(&PipelineKey::new("nll", &[REDUCE_WGSL, NLL_WGSL], f))?,
         })
     }
 
     /// Samples from logits [vocab] into tokens[0], marks it in `seen` (a bitmap of
-    /// ceil(vocab / 32) words) and advances the step state. One workgroup.
+    /// ceil(vocab / 32) words) and advances the step state: two dispatches to record in
+    /// order, the argmax over slices of the vocabulary, then the sampler (one workgroup).
+    /// The last one holds the parameter uniform both read ([`Bound::set_params`] with
+    /// [`SampleParams`]).
     pub fn bind_sample(
         &self,
         gpu: &Gpu,
@@ -103,14 +108,24 @@ impl SamplingKernels {
         seen: &GpuBuffer,
         state: &GpuBuffer,
         tokens: &GpuBuffer,
-    ) -> Bound {
+    ) -> Result<[(Bound, [u32; 3]); 2]> {
+        let slices = vocab.div_ceil(Self::ARGMAX_SLICE).max(1);
+        let parts = gpu.storage("argmax parts", slices as u64 * 8)?;
         let params = gpu.uniform("sample", &SampleParams::new(vocab, &SamplingParams::default()));
-        let bind_group = gpu.bind_group(
+        let argmax =
+            gpu.bind_group(&self.argmax, &[params.binding(), logits.binding(), seen.binding(), parts.binding()]);
+        let sample = gpu.bind_group(
             &self.sample,
-            &[params.binding(), logits.binding(), seen.binding(), state.binding(), tokens.binding()],
+            &[params.binding(), logits.binding(), seen.binding(), parts.binding(), state.binding(), tokens.binding()],
         );
-        Bound { pipeline: self.sample.clone(), bind_group, params: Some(params) }
+        Ok([
+            (Bound { pipeline: self.argmax.clone(), bind_group: argmax, params: None }, [slices, 1, 1]),
+            (Bound { pipeline: self.sample.clone(), bind_group: sample, params: Some(params) }, [1, 1, 1]),
+        ])
     }
+
+    /// Logits per argmax workgroup (PART in sample.wgsl).
+    const ARGMAX_SLICE: u32 = 16 * 256;
 
     /// nll[t] = logsumexp(logits[t]) - logits[t][targets[t]] for t < rows.
     pub fn bind_nll(
@@ -203,7 +218,7 @@ mod tests {
         seen: GpuBuffer,
         state: GpuBuffer,
         tokens: GpuBuffer,
-        bound: Bound,
+        bound: [(Bound, [u32; 3]); 2],
         vocab: usize,
         bits: Vec<u32>,
     }
@@ -223,15 +238,15 @@ mod tests {
             let bits = bits.clone();
             let state = gpu.upload("state", &[5u32, 3, 0, 0]).unwrap();
             let tokens = gpu.storage("tokens", 16).unwrap();
-            let bound = k.bind_sample(gpu, vocab as u32, &logits, &seen, &state, &tokens);
+            let bound = k.bind_sample(gpu, vocab as u32, &logits, &seen, &state, &tokens).unwrap();
             Rig { k, logits, seen, state, tokens, bound, vocab, bits }
         }
         fn draw(&self, gpu: &Gpu, s: &SamplingParams, step: u32) -> u32 {
-            self.bound.set_params(&gpu.queue, &SampleParams::new(self.vocab as u32, s));
+            self.bound[1].0.set_params(&gpu.queue, &SampleParams::new(self.vocab as u32, s));
             gpu.write(&self.state, 8, &[step]);
             // The sampler marks what it draws; start each draw from the same context.
             gpu.write(&self.seen, 0, &self.bits);
-            crate::kernels::run_pass(gpu, |p| self.bound.record(p, [1, 1, 1])).unwrap();
+            crate::kernels::run_pass(gpu, |p| self.bound.iter().for_each(|(b, g)| b.record(p, *g))).unwrap();
             gpu.read::<u32>(&self.tokens, 0, 1).unwrap()[0]
         }
     }
