@@ -237,31 +237,25 @@ impl Bench<'_> {
                 let row = |kernel: &str, size: String, s: f64, bytes: f64, flops: f64| {
                     Row::new(kernel, sh.name, dtype.name(), size, s, bytes, flops, peaks, gpu, &self.timer)
                 };
-                if self.wanted(&mv_name) {
-                    let k = MatVec::new(gpu, dtype, epi)?;
-                    let sets = pairs
+                // One decode product per copy of the weights, with `k`.
+                let mv_sets = |k: &MatVec| {
+                    pairs
                         .iter()
                         .map(|p| match epi {
                             Epilogue::SwiGlu => k.bind_swiglu(gpu, &p[0], &p[1], &x, 0, &y, 1),
                             _ => k.bind(gpu, &p[0], &x, 0, &y, 1),
                         })
-                        .collect::<Result<Vec<_>>>()?;
-                    let s = self.time_sets(&sets)?;
+                        .collect::<Result<Vec<_>>>()
+                };
+                if self.wanted(&mv_name) {
+                    let s = self.time_sets(&mv_sets(&MatVec::new(gpu, dtype, epi)?)?)?;
                     let bytes = w_bytes as f64 + act(1);
                     on_row(&row(&mv_name, size(1), s, bytes, flops));
                 }
                 // The decode product of the vector quantized to 8 bits (integer dot products;
                 // the quantization is its own row, quantize_q8).
                 if want_q8 {
-                    let k = MatVec::with_q8_input(gpu, dtype, epi)?;
-                    let sets = pairs
-                        .iter()
-                        .map(|p| match epi {
-                            Epilogue::SwiGlu => k.bind_swiglu(gpu, &p[0], &p[1], &x, 0, &y, 1),
-                            _ => k.bind(gpu, &p[0], &x, 0, &y, 1),
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    let s = self.time_sets(&sets)?;
+                    let s = self.time_sets(&mv_sets(&MatVec::with_q8_input(gpu, dtype, epi)?)?)?;
                     let bytes = w_bytes as f64 + (q8_words(cols) * 4 + rows * 4) as f64;
                     on_row(&row(&q8_name, size(1), s, bytes, flops));
                 }

@@ -176,10 +176,11 @@ struct ModelArgs {
     /// LONGWAVE_NO_COOP_MATRIX.
     #[arg(long)]
     no_coop_matrix: bool,
-    /// Keep the vectors of 8- and 4-bit weight products in f32 (slower, no 8-bit rounding of
-    /// activations); also LONGWAVE_NO_Q8_ACTIVATIONS.
-    #[arg(long)]
-    no_q8_activations: bool,
+    /// Decode products of 8- and 4-bit weights round their vectors to 8 bits for integer dot
+    /// products: on (faster) or off (closer to the reference). Default: on for GPUs, off for
+    /// CPU adapters; also LONGWAVE_Q8_ACTIVATIONS.
+    #[arg(long, value_parser = ["on", "off"])]
+    q8_activations: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -216,7 +217,7 @@ impl ModelArgs {
             no_f16: self.no_f16,
             no_subgroups: self.no_subgroups,
             no_coop_matrix: self.no_coop_matrix,
-            no_q8_activations: self.no_q8_activations,
+            q8_activations: self.q8_activations.as_deref().map(|v| v == "on"),
             ..Default::default()
         }
     }

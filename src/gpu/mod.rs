@@ -35,7 +35,9 @@ pub struct Caps {
     pub coop_matrix: bool,
     /// Decode products of 8- and 4-bit weights take their vector quantized to 8 bits and
     /// multiply in integer dot products (`dot4I8Packed`; SPIR-V OpSDot where the driver has
-    /// it, else naga's byte-wise fallback). Off through [`GpuOptions::no_q8_activations`].
+    /// it, else naga's byte-wise fallback). By default on for GPUs and off for CPU adapters
+    /// (lavapipe), where the speed-up is small next to the rounding it adds; see
+    /// [`GpuOptions::q8_activations`].
     pub q8_activations: bool,
 }
 
@@ -92,6 +94,22 @@ fn coop_f16_offered(adapter: &wgpu::Adapter) -> bool {
         })
 }
 
+/// Whether to use 8-bit activations: the option, else the environment, else on for GPUs.
+fn q8_activations(option: Option<bool>, device: wgpu::DeviceType) -> Result<bool> {
+    if let Some(v) = option {
+        return Ok(v);
+    }
+    if std::env::var_os("LONGWAVE_NO_Q8_ACTIVATIONS").is_some() {
+        return Ok(false);
+    }
+    match std::env::var("LONGWAVE_Q8_ACTIVATIONS").ok().as_deref().map(str::trim) {
+        None | Some("") => Ok(device != wgpu::DeviceType::Cpu),
+        Some("1" | "on") => Ok(true),
+        Some("0" | "off") => Ok(false),
+        Some(v) => Err(Error::InvalidArgument(format!("LONGWAVE_Q8_ACTIVATIONS={v:?}: use on or off"))),
+    }
+}
+
 /// How to pick and configure the adapter.
 #[derive(Debug, Clone, Default)]
 pub struct GpuOptions {
@@ -105,10 +123,11 @@ pub struct GpuOptions {
     /// Do not use cooperative matrices (matrix units) even if offered. Falls back to the
     /// `LONGWAVE_NO_COOP_MATRIX` environment variable (any value).
     pub no_coop_matrix: bool,
-    /// Keep decode products' vectors in f32 for 8- and 4-bit weights instead of quantizing
-    /// them to 8 bits ([`Caps::q8_activations`]). Falls back to the
-    /// `LONGWAVE_NO_Q8_ACTIVATIONS` environment variable (any value).
-    pub no_q8_activations: bool,
+    /// Whether decode products of 8- and 4-bit weights quantize their vectors to 8 bits
+    /// ([`Caps::q8_activations`]); None: the adapter's default (on for GPUs, off for CPU
+    /// adapters). Falls back to `LONGWAVE_Q8_ACTIVATIONS` (`on`/`1` or `off`/`0`);
+    /// `LONGWAVE_NO_Q8_ACTIVATIONS` (any value) also turns them off.
+    pub q8_activations: Option<bool>,
     /// Pretend the binding limit is this small (tests of tensor splitting; large tensors are
     /// split into chunks of at most this many bytes). Falls back to `LONGWAVE_MAX_BINDING`
     /// (bytes, or with a K/M/G suffix).
@@ -213,7 +232,7 @@ impl Gpu {
             features.contains(wgpu::Features::TIMESTAMP_QUERY),
             // The properties live on the adapter, which an app's device does not expose.
             false,
-            true,
+            info.device_type != wgpu::DeviceType::Cpu,
             u64::MAX,
         );
         let device_errors = Arc::new(Mutex::new(Vec::new()));
@@ -282,7 +301,7 @@ impl Gpu {
             .max_binding
             .or_else(|| std::env::var("LONGWAVE_MAX_BINDING").ok().and_then(|v| parse_bytes(&v)))
             .unwrap_or(u64::MAX);
-        let q8 = !opts.no_q8_activations && std::env::var_os("LONGWAVE_NO_Q8_ACTIVATIONS").is_none();
+        let q8 = q8_activations(opts.q8_activations, info.device_type)?;
         let caps = Caps::new(&info, &limits, f16, subgroups, timestamps, coop, q8, max_binding);
         Ok(Arc::new(Gpu {
             device,
