@@ -252,8 +252,9 @@ impl AttentionKernels {
     pub const GROUP_MIN_HEADS: u32 = 4;
     /// Keys per split from which decode uses the grouped kernel. On an H100 (Llama-3-8B
     /// shape, benches/RESULTS.md) it lost at 64 keys per split (1K context: fewer, longer
-    /// workgroups) and won at 250 (16K: the cache read once instead of four times).
-    pub const GROUP_MIN_KEYS: u32 = 192;
+    /// workgroups) and won at 125 (8K: 131.8 -> 136.1 tok/s in f16) and 250 (16K: the cache
+    /// read once instead of four times).
+    pub const GROUP_MIN_KEYS: u32 = 100;
 
     /// Splits a step with `keys` keys uses: one per 64-key tile, at most `splits`
     /// (attend*.wgsl and the merges compute the same).
