@@ -13,7 +13,7 @@ use longwave::decoder::Plan;
 use longwave::gpu::{Gpu, GpuBuffer};
 use longwave::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use longwave::kernels::embedding::Embedding;
-use longwave::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, MergeInput};
+use longwave::kernels::matmul::{q8_norm_words, Epilogue, GpuMatrix, MatMul, MatVec, MergeInput};
 use longwave::kernels::quantize::{q8_words, Q8Input, QuantizeQ8};
 use longwave::kernels::rms_norm::RmsNorm;
 use longwave::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
@@ -107,6 +107,64 @@ fn products(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<
                 let meta = json!({"op": "matvec_q8", "w": w_name, "q8": format!("{}/q8/{}", sh.name, dtype.name()),
                     "dtype": dtype.name(), "rows": rows, "cols": h, "epilogue": name});
                 out.case(&case, meta);
+            }
+            // The chain that replaces the norm dispatches of 8-bit decode: Wo (h x h) adds to x and
+            // writes x * g as 8-bit blocks with their sums of squares; a product reading them
+            // scales by 1 / rms itself (Q/K/V's kernel, here the matrix above); gate/up writes its
+            // SwiGLU output as 8-bit blocks, from the plain 8-bit vector and from this one.
+            {
+                let q8_name = format!("{}/q8/{}", sh.name, dtype.name());
+                let wo = quantize(dtype, &rng.vec(h * h, 0.1));
+                let wm = GpuMatrix::upload(gpu, "wo", dtype, h, h, &wo)?;
+                let g = rng.vec(h, 1.0);
+                let (yb, gb) = (gpu.upload("y", &y0[..h])?, gpu.upload("g", &g)?);
+                let nw = q8_norm_words(h);
+                let xn = gpu.storage("xq_norm", nw as u64 * 4)?;
+                let k = MatVec::with_q8_norm_output(gpu, dtype)?;
+                run(gpu, &k.bind_add_norm_q8(gpu, &wm, &xq, &yb, &gb, &xn, 1)?)?;
+                let norm_case = format!("{}/matvec_q8_norm/{}", sh.name, dtype.name());
+                out.raw(format!("{norm_case}/w"), Dtype::U8, &[wo.len()], wo);
+                out.f32(format!("{norm_case}/y0"), &[1, h], &y0[..h]);
+                out.f32(format!("{norm_case}/g"), &[h], &g);
+                out.f32(format!("{norm_case}/y"), &[1, h], &gpu.read(&yb, 0, h)?);
+                let words: Vec<u32> = gpu.read(&xn, 0, nw)?;
+                out.raw(format!("{norm_case}/words"), Dtype::U8, &[nw * 4], bytemuck::cast_slice(&words).to_vec());
+                out.case(&norm_case, json!({"op": "matvec_q8_norm", "q8": q8_name, "dtype": dtype.name(), "cols": h}));
+                let yq = gpu.storage("y", rows as u64 * 4)?;
+                let k = MatVec::with_q8_input(gpu, dtype, Epilogue::Store)?.with_norm_scale(1e-5)?;
+                run(gpu, &k.bind(gpu, &m, &xn, 0, &yq, 1)?)?;
+                let case = format!("{}/matvec_q8_scaled/{}", sh.name, dtype.name());
+                out.f32(format!("{case}/y"), &[1, rows], &gpu.read(&yq, 0, rows)?);
+                out.case(
+                    &case,
+                    json!({"op": "matvec_q8_scaled", "w": w_name, "norm": norm_case, "dtype": dtype.name(),
+                    "rows": rows, "cols": h, "eps": 1e-5}),
+                );
+                let gw = quantize(dtype, &rng.vec(f * h, 0.1));
+                let uw = quantize(dtype, &rng.vec(f * h, 0.1));
+                let (gm, um) =
+                    (GpuMatrix::upload(gpu, "g", dtype, f, h, &gw)?, GpuMatrix::upload(gpu, "u", dtype, f, h, &uw)?);
+                let gu_name = format!("{}/swiglu_q8/{}", sh.name, dtype.name());
+                out.raw(format!("{gu_name}/g"), Dtype::U8, &[gw.len()], gw);
+                out.raw(format!("{gu_name}/u"), Dtype::U8, &[uw.len()], uw);
+                for (scaled, x8) in [(false, &xq), (true, &xn)] {
+                    let mut k = MatVec::with_q8_output(gpu, dtype)?;
+                    if scaled {
+                        k = k.with_norm_scale(1e-5)?;
+                    }
+                    let fw = q8_words(f);
+                    let ob = gpu.storage("out", fw as u64 * 4)?;
+                    run(gpu, &k.bind_swiglu(gpu, &gm, &um, x8, 0, &ob, 1)?)?;
+                    let case = format!("{gu_name}/{}", if scaled { "scaled" } else { "plain" });
+                    let words: Vec<u32> = gpu.read(&ob, 0, fw)?;
+                    out.raw(format!("{case}/words"), Dtype::U8, &[fw * 4], bytemuck::cast_slice(&words).to_vec());
+                    let input = if scaled { &norm_case } else { &q8_name };
+                    out.case(
+                        &case,
+                        json!({"op": "swiglu_q8", "w": gu_name, "input": input, "scaled": scaled,
+                        "dtype": dtype.name(), "rows": f, "cols": h, "eps": 1e-5}),
+                    );
+                }
             }
         }
         // Decode's Wo product with the attention merge in front (where the model's attention
@@ -332,7 +390,10 @@ fn logits(args: &[String]) -> Result<()> {
     let ids: Vec<u32> = list(args, "--ids")?.into_iter().map(|v| v as u32).collect();
     let at = list(args, "--at")?;
     let path = args.last().ok_or_else(|| longwave::Error::InvalidArgument("OUT.safetensors".into()))?;
-    let model = Model::load(model_path, &GpuOptions::default())?;
+    // --no-q8: decode products of f32 vectors (Caps::q8_activations off).
+    let opts =
+        GpuOptions { q8_activations: args.iter().any(|a| a == "--no-q8").then_some(false), ..Default::default() };
+    let model = Model::load(model_path, &opts)?;
     eprintln!("{} on {}", model_path, model.gpu.describe());
     let greedy_len = list(args, "--greedy").map(|g| g.iter().sum::<usize>()).unwrap_or(0);
     let mut session = Session::new(&model, &SessionOptions { max_ctx: Some(ids.len().max(greedy_len).max(64)) })?;
@@ -340,6 +401,14 @@ fn logits(args: &[String]) -> Result<()> {
     for &n in &at {
         let l = session.logits(&ids[..n.min(ids.len())])?;
         out.f32(format!("logits/{n}"), &[l.len()], &l);
+    }
+    // The same positions through a decode step (--decode-at).
+    if let Ok(dat) = list(args, "--decode-at") {
+        for n in dat {
+            session.reset();
+            let l = session.decode_logits(&ids[..n.min(ids.len())])?;
+            out.f32(format!("decode_logits/{n}"), &[l.len()], &l);
+        }
     }
     session.reset();
     let ppl = session.perplexity(&ids)?;

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuBuffer};
 use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use crate::kernels::embedding::Embedding;
-use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, MergeInput, OutRows, MATMUL_TILE_T};
+use crate::kernels::matmul::{q8_norm_words, Epilogue, GpuMatrix, MatMul, MatVec, MergeInput, OutRows, MATMUL_TILE_T};
 use crate::kernels::quantize::{q8_words, Q8Input, QuantizeQ8};
 use crate::kernels::rms_norm::RmsNorm;
 use crate::kernels::sampling::SamplingKernels;
@@ -131,6 +131,14 @@ pub struct Q8MatKernels {
     pub mv: MatVec,
     pub mv_add: MatVec,
     pub mv_swiglu: MatVec,
+    /// The SwiGLU product writing 8-bit blocks for the down product (no quantize dispatch).
+    pub mv_swiglu_q8: MatVec,
+    /// The products of a vector that [`Q8MatKernels::mv_add_norm`] wrote, which scale by
+    /// its 1 / rms themselves (Q/K/V; gate/up writing 8-bit blocks).
+    pub mv_norm_scale: MatVec,
+    pub mv_swiglu_q8_norm_scale: MatVec,
+    /// Wo and down: x += W a, writing the new x for the next norm's products.
+    pub mv_add_norm: MatVec,
 }
 
 pub struct MatKernels {
@@ -175,6 +183,11 @@ impl Kernels {
                             mv: MatVec::with_q8_input(gpu, d, Epilogue::Store)?,
                             mv_add: MatVec::with_q8_input(gpu, d, Epilogue::Add)?,
                             mv_swiglu: MatVec::with_q8_input(gpu, d, Epilogue::SwiGlu)?,
+                            mv_swiglu_q8: MatVec::with_q8_output(gpu, d)?,
+                            mv_norm_scale: MatVec::with_q8_input(gpu, d, Epilogue::Store)?
+                                .with_norm_scale(c.rms_norm_eps)?,
+                            mv_swiglu_q8_norm_scale: MatVec::with_q8_output(gpu, d)?.with_norm_scale(c.rms_norm_eps)?,
+                            mv_add_norm: MatVec::with_q8_norm_output(gpu, d)?,
                         })
                     } else {
                         None
@@ -229,6 +242,11 @@ pub struct Buffers {
     pub ffn: GpuBuffer,
     /// One decode vector quantized to 8 bits (the input of the product that follows).
     pub xq: GpuBuffer,
+    /// The SwiGLU output quantized to 8 bits by the gate/up product (which reads xq).
+    pub xq_ffn: GpuBuffer,
+    /// x times the next norm's weight in 8 bits with its blocks' sums of squares, written by
+    /// the Wo and down products for the products after the norm (MatVec::with_norm_scale).
+    pub xq_norm: GpuBuffer,
     pub part: GpuBuffer,
     pub last: GpuBuffer,
     pub logits: GpuBuffer,
@@ -338,6 +356,8 @@ impl Buffers {
             attn: gpu.storage("attn", t * qd * f)?,
             ffn: gpu.storage("ffn", t * c.intermediate_size as u64 * f)?,
             xq: gpu.storage("xq", q8_words(c.hidden_size.max(qd as usize).max(c.intermediate_size)) as u64 * 4)?,
+            xq_ffn: gpu.storage("xq_ffn", q8_words(c.intermediate_size) as u64 * 4)?,
+            xq_norm: gpu.storage("xq_norm", q8_norm_words(c.hidden_size) as u64 * 4)?,
             part: gpu.storage("partials", parts * f)?,
             last: gpu.storage("last", hidden * f)?,
             logits: gpu.storage("logits", t * c.vocab_size as u64 * f)?,
@@ -469,21 +489,42 @@ impl Decoder {
         for (bound, _) in k.embed.bind(gpu, &w.embed, &b.tokens, 0, &b.x, rows as usize)? {
             push(&mut steps, "embed", bound, Box::new(|s| crate::kernels::groups_1d(s.n)));
         }
+        // Whether layer i's products take 8-bit vectors (see q8 below).
+        let fuse_norm =
+            !prefill && c.hidden_size <= MatVec::NORM_MAX_COLS && gpu.info.device_type != wgpu::DeviceType::Cpu;
+        let layer_q8: Vec<bool> = w
+            .layers
+            .iter()
+            .map(|l| {
+                let mats: Vec<&GpuMatrix> = l.qkv.iter().chain([&l.o, &l.gate, &l.up, &l.down]).collect();
+                q8k.is_some() && !fuse_norm && k.q8_all(&mats)
+            })
+            .collect();
+        // The previous layer's down product wrote this layer's normalised 8-bit input.
+        let mut norm_in = false;
         for (i, l) in w.layers.iter().enumerate() {
             // Attention block: x += Wo · attention(rope(Wq·n(x)), cache + rope(Wk·n(x)), Wv·n(x)),
             // with Wq, Wk, Wv one stacked product. Decoding fuses the norm n into the product
             // where the vector fits the fused kernel, on GPUs: a CPU adapter (lavapipe) pays
             // more for the per-workgroup reduction and barriers than for a dispatch.
-            let fuse_norm =
-                !prefill && c.hidden_size <= MatVec::NORM_MAX_COLS && gpu.info.device_type != wgpu::DeviceType::Cpu;
             // 8-bit vectors where every product of the layer takes them, and not where the
             // norm is fused into f32 products (small models, whose products are too short
             // for the saving to pay for the dispatches).
-            let mats: Vec<&GpuMatrix> = l.qkv.iter().chain([&l.o, &l.gate, &l.up, &l.down]).collect();
-            let q8 = q8k.filter(|_| !fuse_norm && k.q8_all(&mats));
+            let q8 = q8k.filter(|_| layer_q8[i]);
+            let sh_merge = MergeInput { n_heads: sh.n_heads, head_dim: sh.head_dim, splits };
+            let merge_in_o = !prefill && MatVec::merge_fits(sh_merge) && l.o.cols == hidden_attn(sh);
+            // With 8-bit vectors the Wo and down products write the normalised input of the
+            // products after them (MatVec::with_q8_norm_output) where those take it: no norm
+            // dispatches. Wo only where gate/up writes 8-bit blocks and no step merges the
+            // attention inside Wo; down only into a next layer of 8-bit vectors.
+            let ffn_q8 = q8.is_some() && k.mat(&l.down).q8.is_some() && MatVec::q8_output_fits(&l.gate);
+            let o_norm = ffn_q8 && !merge_in_o && MatVec::q8_output_fits(&l.o);
+            let down_norm = q8.is_some() && layer_q8.get(i + 1) == Some(&true) && MatVec::q8_output_fits(&l.down);
             if let Some([quant_norm, _, _]) = q8 {
-                let (bound, g) = quant_norm.bind(gpu, &b.x, Some(&l.attn_norm), None, &b.xq, 1, c.hidden_size)?;
-                push(&mut steps, "attn_norm", bound, fixed(g));
+                if !norm_in {
+                    let (bound, g) = quant_norm.bind(gpu, &b.x, Some(&l.attn_norm), None, &b.xq, 1, c.hidden_size)?;
+                    push(&mut steps, "attn_norm", bound, fixed(g));
+                }
             } else if !fuse_norm {
                 push(
                     &mut steps,
@@ -499,6 +540,8 @@ impl Decoder {
                 let out = OutRows { stride, offset };
                 let list = if prefill {
                     mk.mm.bind_into(gpu, m, &b.xn, &b.qkv, out, rows as usize)?
+                } else if let (Some(_), Some(mq), true) = (q8, &mk.q8, norm_in) {
+                    mq.mv_norm_scale.bind_into(gpu, m, &b.xq_norm, &b.qkv, out, 1)?
                 } else if let (Some(_), Some(mq)) = (q8, &mk.q8) {
                     mq.mv.bind_into(gpu, m, &b.xq, &b.qkv, out, 1)?
                 } else if fuse_norm {
@@ -553,8 +596,7 @@ impl Decoder {
             // Decode steps over few splits merge them inside the Wo product instead (each of
             // its workgroups merges all the partials: cheaper than a dispatch only while they
             // are few); the merge dispatch and the plain product skip those steps.
-            let merge_input = MergeInput { n_heads: sh.n_heads, head_dim: sh.head_dim, splits };
-            let merge_in_o = !prefill && MatVec::merge_fits(merge_input) && l.o.cols == hidden_attn(sh);
+            let merge_input = sh_merge;
             let in_o =
                 move |s: Step| merge_in_o && AttentionKernels::used_splits(splits, s.keys) <= MatVec::MERGE_SPLITS;
             // With 8-bit vectors the merge writes its output quantized for the integer-dot Wo
@@ -585,7 +627,12 @@ impl Decoder {
                         let (bound, g) = quant.bind(gpu, &b.attn, None, None, &b.xq, 1, l.o.cols)?;
                         push(&mut steps, "quantize", bound, unless_in_o(g));
                     }
-                    for (bound, g) in mq.mv_add.bind(gpu, &l.o, &b.xq, 0, &b.x, 1)? {
+                    let list = if o_norm {
+                        mq.mv_add_norm.bind_add_norm_q8(gpu, &l.o, &b.xq, &b.x, &l.ffn_norm, &b.xq_norm, 1)?
+                    } else {
+                        mq.mv_add.bind(gpu, &l.o, &b.xq, 0, &b.x, 1)?
+                    };
+                    for (bound, g) in list {
                         push(&mut steps, "o", bound, unless_in_o(g));
                     }
                 }
@@ -599,9 +646,12 @@ impl Decoder {
             // Feed-forward block: x += Wdown · (silu(Wgate·n(x)) * Wup·n(x)), the norm fused
             // into the gate/up product when decoding.
             let mk = k.mat(&l.gate);
+            let o_norm = o_norm && o_q8.is_some();
             if let Some([quant_norm, _, _]) = q8 {
-                let (bound, g) = quant_norm.bind(gpu, &b.x, Some(&l.ffn_norm), None, &b.xq, 1, c.hidden_size)?;
-                push(&mut steps, "ffn_norm", bound, fixed(g));
+                if !o_norm {
+                    let (bound, g) = quant_norm.bind(gpu, &b.x, Some(&l.ffn_norm), None, &b.xq, 1, c.hidden_size)?;
+                    push(&mut steps, "ffn_norm", bound, fixed(g));
+                }
             } else if !fuse_norm {
                 push(
                     &mut steps,
@@ -610,7 +660,19 @@ impl Decoder {
                     Box::new(|s| crate::kernels::rms_norm::groups(s.n)),
                 );
             }
+            // With 8-bit vectors gate/up writes its output quantized where the down product
+            // takes it so (whole 32-row blocks); else a quantize dispatch follows. (A layer of
+            // 8-bit vectors has the 8-bit kernels of every matrix: Kernels::q8_all.)
             let list = match (prefill, fuse_norm) {
+                _ if ffn_q8 && o_norm => mk
+                    .q8
+                    .as_ref()
+                    .unwrap()
+                    .mv_swiglu_q8_norm_scale
+                    .bind_swiglu(gpu, &l.gate, &l.up, &b.xq_norm, 0, &b.xq_ffn, 1)?,
+                _ if ffn_q8 => {
+                    mk.q8.as_ref().unwrap().mv_swiglu_q8.bind_swiglu(gpu, &l.gate, &l.up, &b.xq, 0, &b.xq_ffn, 1)?
+                }
                 _ if q8.is_some() && mk.q8.is_some() => {
                     mk.q8.as_ref().unwrap().mv_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xq, 0, &b.ffn, 1)?
                 }
@@ -623,12 +685,25 @@ impl Decoder {
             for (bound, g) in list {
                 push(&mut steps, "gate_up", bound, if prefill { matmul_groups(g) } else { fixed(g) });
             }
+            norm_in = false;
             if let (Some([_, _, quant]), Some(mq)) = (q8, &k.mat(&l.down).q8) {
-                let (bound, g) = quant.bind(gpu, &b.ffn, None, None, &b.xq, 1, l.down.cols)?;
-                push(&mut steps, "quantize", bound, fixed(g));
-                for (bound, g) in mq.mv_add.bind(gpu, &l.down, &b.xq, 0, &b.x, 1)? {
+                let xq = if ffn_q8 {
+                    &b.xq_ffn
+                } else {
+                    let (bound, g) = quant.bind(gpu, &b.ffn, None, None, &b.xq, 1, l.down.cols)?;
+                    push(&mut steps, "quantize", bound, fixed(g));
+                    &b.xq
+                };
+                let list = if down_norm {
+                    let next = &w.layers[i + 1].attn_norm;
+                    mq.mv_add_norm.bind_add_norm_q8(gpu, &l.down, xq, &b.x, next, &b.xq_norm, 1)?
+                } else {
+                    mq.mv_add.bind(gpu, &l.down, xq, 0, &b.x, 1)?
+                };
+                for (bound, g) in list {
                     push(&mut steps, "down", bound, fixed(g));
                 }
+                norm_in = down_norm;
             } else {
                 matmul(&mut steps, "down", &l.down, &b.ffn, &b.x, true)?;
             }

@@ -286,6 +286,24 @@ impl Session {
         self.model.gpu.read(&self.bufs.logits, 0, self.model.config.vocab_size)
     }
 
+    /// Last-position logits of `ids` through a decode step: all but the last id are
+    /// prefilled and the last one goes through the one-token kernels generation uses
+    /// (inspection and tests of the decode path, e.g. tests/cuda/parity.py). Needs at least
+    /// two ids.
+    pub fn decode_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let Some((&last, head)) = ids.split_last().filter(|(_, h)| !h.is_empty()) else {
+            return Err(Error::InvalidArgument("decode logits need at least two token ids".into()));
+        };
+        self.check_ids(ids)?;
+        self.prefill(head, &SamplingParams::default(), None)?;
+        let gpu = self.model.gpu.clone();
+        // The step feeds the token in tokens[0] (where prefill left its sample).
+        gpu.write(&self.bufs.tokens, 0, &[last]);
+        self.submit_decode(None, None, ids.len());
+        self.cached.push(last);
+        gpu.read(&self.bufs.logits, 0, self.model.config.vocab_size)
+    }
+
     /// Submits one decode step: it feeds the token the previous step sampled (already on the
     /// GPU) and, with `slot`, copies the one it samples to that readback slot. One submit;
     /// `timestamps` brackets its pass (benchmarks).

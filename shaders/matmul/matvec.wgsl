@@ -28,12 +28,95 @@
 // 32-element block (quantize_q8.wgsl) and each block's dot product is integer (w_dot32q):
 // four byte products per dot4I8Packed where the f32 path decodes every weight, which left
 // the 4-bit products arithmetic-bound on an H100.
+// QOUT (SWIGLU, XQ8): the output is written quantized to 8 bits (quantize_q8.wgsl's layout),
+// the down product's input, so that no quantize dispatch sits between the two; a workgroup
+// computes one 32-row block.
+// QNORM (ADD, XQ8; a layer's Wo or down product): besides x += W a, the workgroup's 32 rows
+// of the new x are written, times the next norm's weight gq, as an 8-bit block without the
+// norm's 1 / rms, which no workgroup knows yet; quantizing a block is the same with or
+// without a common factor, so the bytes are the normalised vector's and only the scales miss
+// it. The block's sum of squares of x follows the vector (xq_out; see q8_norm_stride).
+// NSCALE (XQ8): x is such a vector; the workgroup sums the blocks' squares into 1 / rms and
+// scales its dot products by it (the products are linear in the scales). The pair replaces
+// the RMSNorm dispatch in front of QKV and gate/up.
 // XG: the main loop reads x from workgroup memory (xg), filled by NORM or MERGE.
 // Bindings and parameters: products.wgsl; the norm weight or the merge's step state follows
 // them.
 
 #if XG
 var<workgroup> xg: array<vec4<f32>, 512>;
+#endif
+#if QBLOCK
+// One output block (32 rows) before quantization.
+var<workgroup> qo: array<f32, 32>;
+#endif
+#if QNORM
+@group(0) @binding(4) var<storage, read> gq: array<f32>;
+@group(0) @binding(5) var<storage, read_write> xq_out: array<u32>;
+fn out_word(i: u32, w: u32) { xq_out[i] = w; }
+#endif
+#if QOUT
+fn out_word(i: u32, w: u32) { y[i] = w; }
+#endif
+#if QBLOCK
+var<workgroup> qb: array<f32, 32>;
+
+// An 8-bit block: in invocation 4j, word j of its bytes; d and s (quantize_q8.wgsl); the
+// sum of squares of the x that came with the values.
+struct QBlock { word: u32, d: f32, s: f32, sq: f32 }
+
+// Quantizes the 32 values qv of invocations 0..31 (0 elsewhere) as quantize_q8.wgsl does;
+// xv: values whose sum of squares comes along. Every invocation calls it. With subgroups of
+// 32 or more the first subgroup holds the block and it takes a few subgroup operations;
+// otherwise eight invocations loop over it in workgroup memory.
+fn block_q8(qv: f32, xv: f32, lid: u32, sgs: u32) -> QBlock {
+    var out = QBlock(0u, 0.0, 0.0, 0.0);
+#if SUBGROUPS
+    let amax_sg = subgroupMax(abs(qv));
+    let inv_sg = select(0.0, 127.0 / amax_sg, amax_sg > 0.0);
+    let q_sg = i32(round(qv * inv_sg));
+    let q1 = subgroupShuffleDown(q_sg, 1u);
+    let q2 = subgroupShuffleDown(q_sg, 2u);
+    let q3 = subgroupShuffleDown(q_sg, 3u);
+    let qsum_sg = subgroupAdd(q_sg);
+    let sq_sg = subgroupAdd(xv * xv);
+    if (sgs >= 32u) {
+        let d = amax_sg / 127.0;
+        return QBlock(pack4xI8(vec4<i32>(q_sg, q1, q2, q3)), d, d * f32(qsum_sg), sq_sg);
+    }
+#endif
+    if (lid < 32u) { qb[lid] = qv; }
+    workgroupBarrier();
+    if (lid < 32u) {
+        var amax = 0.0;
+        for (var j = 0u; j < 32u; j++) { amax = max(amax, abs(qb[j])); }
+        let inv = select(0.0, 127.0 / amax, amax > 0.0);
+        var qsum = 0;
+        for (var j = 0u; j < 32u; j++) { qsum += i32(round(qb[j] * inv)); }
+        let b = lid & ~3u;
+        out.word = pack4xI8(vec4<i32>(round(vec4<f32>(qb[b], qb[b + 1u], qb[b + 2u], qb[b + 3u]) * inv)));
+        out.d = amax / 127.0;
+        out.s = out.d * f32(qsum);
+    }
+    workgroupBarrier();
+    if (lid < 32u) { qb[lid] = xv * xv; }
+    workgroupBarrier();
+    if (lid == 0u) {
+        for (var j = 0u; j < 32u; j++) { out.sq += qb[j]; }
+    }
+    return out;
+}
+#endif
+#if Q8NORM
+// The norm's epsilon as f32 bits.
+override EPS_BITS: u32 = 0u;
+
+// Words per vector of an 8-bit vector with its blocks' sums of squares: the q8 layout
+// (k / 4 words of bytes, (d, s) per block, padded to whole vec4s), then one f32 per block,
+// padded to whole vec4s.
+fn q8_norm_stride(k: u32) -> u32 {
+    return ((k / 4u + k / 16u) + 3u) / 4u * 4u + (k / 32u + 3u) / 4u * 4u;
+}
 #endif
 #if MERGE
 @group(0) @binding(4) var<storage, read> state: array<u32>;
@@ -59,6 +142,12 @@ alias NormWord = f32;
 override EPS_BITS: u32 = 0u;
 #endif
 
+#if WG1024
+const WG: u32 = 1024u;
+#else
+#if WG512
+const WG: u32 = 512u;
+#else
 #if WG256
 const WG: u32 = 256u;
 #else
@@ -66,6 +155,8 @@ const WG: u32 = 256u;
 const WG: u32 = 128u;
 #else
 const WG: u32 = 64u;
+#endif
+#endif
 #endif
 #endif
 // Rows per segment, a pipeline constant: 4, or 2 or 1 where a matrix is too small to give a
@@ -125,14 +216,20 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 #if SUBGROUPS
     @builtin(subgroup_size) sgs: u32,
+    @builtin(subgroup_invocation_id) sgl: u32,
 #endif
 ) {
 #if !SUBGROUPS
     let sgs = 1u;
+    let sgl = 0u;
 #endif
     let v = wid.x;
     let lane = lid % TPR;
     let row0 = (wid.y * (WG / TPR) + lid / TPR) * R;
+#if QNORM
+    // This invocation's weight of the next norm (its row in the block), loaded early.
+    let g_row = gq[p.row_start + wid.y * 32u + lid % 32u];
+#endif
 #if NORM
     // 1 / rms of this vector; every invocation sums the 64 partial sums (broadcast reads).
     var ss = 0.0;
@@ -194,9 +291,19 @@ fn main(
 #if SWIGLU
     var accu_rows = vec4<f32>(0.0);
 #endif
+#if NSCALE
+    let xb = v * q8_norm_stride(p.k) / 4u;
+#else
     let xb = v * ((p.k / 4u + p.k / 16u + 3u) / 4u);
+#endif
     let xds = xb + p.k / 16u;
     let nb = p.k / 32u;
+#if NSCALE
+    // The blocks' sums of squares, loaded before the products so that they arrive meanwhile.
+    let sq0 = xb * 4u + ((p.k / 4u + p.k / 16u) + 3u) / 4u * 4u;
+    var ss = 0.0;
+    for (var i = lid; i < nb; i += WG) { ss += bitcast<f32>(x[(sq0 + i) / 4u][(sq0 + i) % 4u]); }
+#endif
     let last_row = p.rows - 1u;
     for (var kb = lane; kb < nb; kb += TPR) {
         let lo = x[xb + 2u * kb];
@@ -269,13 +376,61 @@ fn main(
 #if NORM
     let scale = inv_rms;
 #else
+#if NSCALE
+    let scale = inverseSqrt(wg_sum(ss, lid, WG, sgs, sgl) / f32(p.k) + bitcast<f32>(EPS_BITS));
+#else
     let scale = 1.0;
+#endif
 #endif
     let tot = segment_sum(acc_rows, lid, sgs) * scale;
 #if SWIGLU
     workgroupBarrier();
     let totu = segment_sum(accu_rows, lid, sgs) * scale;
 #endif
+    // QOUT, QNORM: the workgroup's 32 rows are one 8-bit block. Each segment's lane 0 leaves
+    // its R results in workgroup memory, the block is quantized as quantize_q8.wgsl does (same
+    // formulas, so the same bytes from the same f32 values) and written.
+#if QOUT
+    if (lane == 0u) {
+        for (var r = 0u; r < R; r++) {
+            let g = tot[r];
+            qo[(lid / TPR) * R + r] = g / (1.0 + exp(-g)) * totu[r];
+        }
+    }
+    workgroupBarrier();
+    let xv = select(0.0, qo[lid % 32u], lid < 32u);
+    let qv = xv;
+    // Vector v of the 8-bit layout: n_total / 4 words of bytes, then (d, s) per block.
+    let base = v * (((p.n_total / 4u + p.n_total / 16u) + 3u) / 4u) * 4u;
+#endif
+#if QNORM
+    // x += W a for the block's rows, then x * gq.
+    if (lane == 0u) {
+        for (var r = 0u; r < R; r++) {
+            let o = v * p.n_total + p.row_start + row0 + r;
+            let nx = y[o] + tot[r];
+            y[o] = nx;
+            qo[(lid / TPR) * R + r] = nx;
+        }
+    }
+    workgroupBarrier();
+    let xv = select(0.0, qo[lid % 32u], lid < 32u);
+    let qv = xv * g_row;
+    let base = v * q8_norm_stride(p.n_total);
+#endif
+#if QBLOCK
+    let blk = (p.row_start + wid.y * 32u) / 32u;
+    let blk_q = block_q8(qv, xv, lid, sgs);
+    if (lid < 32u && lid % 4u == 0u) { out_word(base + blk * 8u + lid / 4u, blk_q.word); }
+    if (lid == 0u) {
+        let ds = base + p.n_total / 4u + blk * 2u;
+        out_word(ds, bitcast<u32>(blk_q.d));
+        out_word(ds + 1u, bitcast<u32>(blk_q.s));
+#if QNORM
+        out_word(base + ((p.n_total / 4u + p.n_total / 16u) + 3u) / 4u * 4u + blk, bitcast<u32>(blk_q.sq));
+#endif
+    }
+#else
     if (lane == 0u) {
         for (var r = 0u; r < R; r++) {
             let row = row0 + r;
@@ -294,4 +449,5 @@ fn main(
             }
         }
     }
+#endif
 }

@@ -30,7 +30,12 @@ struct Params {
 #endif
 #endif
 #endif
+#if QOUT
+// The product's output quantized to 8 bits (matvec.wgsl; quantize_q8.wgsl's layout).
+@group(0) @binding(2) var<storage, read_write> y: array<u32>;
+#else
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
+#endif
 @group(0) @binding(3) var<storage, read> W: array<vec4<u32>>;
 #if SWIGLU
 @group(0) @binding(4) var<storage, read> U: array<vec4<u32>>;

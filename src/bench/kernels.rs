@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use crate::kernels::embedding::Embedding;
+use crate::kernels::matmul::q8_norm_words;
 use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, OutRows};
 use crate::kernels::probe::{fma_flops, Probes, COPY_GROUPS};
 use crate::kernels::quantize::{q8_words, Q8Input, QuantizeQ8};
@@ -258,6 +259,36 @@ impl Bench<'_> {
                     let s = self.time_sets(&mv_sets(&MatVec::with_q8_input(gpu, dtype, epi)?)?)?;
                     let bytes = w_bytes as f64 + (q8_words(cols) * 4 + rows * 4) as f64;
                     on_row(&row(&q8_name, size(1), s, bytes, flops));
+                    // The variants that replace decode's norm and quantize dispatches: gate/up
+                    // writing 8-bit blocks (plain input), Wo and down writing the next norm's
+                    // 8-bit input, Q/K/V reading it.
+                    let blocks = rows.is_multiple_of(32);
+                    if matches!(name, "o" | "down") && blocks {
+                        let k = MatVec::with_q8_norm_output(gpu, dtype)?;
+                        let g = gpu.upload("norm", &vec![1f32; rows])?;
+                        let xq = gpu.storage("xq_norm", q8_norm_words(rows) as u64 * 4)?;
+                        let sets = pairs
+                            .iter()
+                            .map(|p| k.bind_add_norm_q8(gpu, &p[0], &x, &y, &g, &xq, 1))
+                            .collect::<Result<Vec<_>>>()?;
+                        let s = self.time_sets(&sets)?;
+                        let bytes = w_bytes as f64 + (q8_words(cols) * 4 + rows * 8 + q8_norm_words(rows) * 4) as f64;
+                        on_row(&row(&format!("matvec_q8_norm_{name}"), size(1), s, bytes, flops));
+                    }
+                    let variant = match name {
+                        "gate_up" if blocks => Some(("matvec_q8_out_gate_up", MatVec::with_q8_output(gpu, dtype)?)),
+                        "qkv" => Some((
+                            "matvec_q8_scaled_qkv",
+                            MatVec::with_q8_input(gpu, dtype, epi)?.with_norm_scale(1e-5)?,
+                        )),
+                        _ => None,
+                    };
+                    if let Some((kernel, k)) = variant {
+                        let s = self.time_sets(&mv_sets(&k)?)?;
+                        let out = if name == "gate_up" { q8_words(rows) * 4 } else { rows * 4 };
+                        let bytes = w_bytes as f64 + (q8_words(cols) * 4 + out) as f64;
+                        on_row(&row(kernel, size(1), s, bytes, flops));
+                    }
                 }
                 // The decode product with the layer's RMSNorm fused in front, where it applies.
                 let norm_name = format!("matvec_norm_{name}");
@@ -489,6 +520,10 @@ mod tests {
             "sample",
             "matvec_q8_qkv",
             "matvec_q8_down",
+            "matvec_q8_out_gate_up",
+            "matvec_q8_norm_o",
+            "matvec_q8_norm_down",
+            "matvec_q8_scaled_qkv",
             "quantize_q8",
         ] {
             assert!(kernels.contains(&k), "{k} missing from {kernels:?}");

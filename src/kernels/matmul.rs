@@ -173,7 +173,8 @@ fn check_operands(
     y: &GpuBuffer,
     y_out: OutRows,
     n: usize,
-    x_q8: bool,
+    x_words: Option<usize>,
+    y_q8: bool,
 ) -> Result<()> {
     let w = mats[0];
     if y_out.offset + w.rows > y_out.stride {
@@ -201,11 +202,14 @@ fn check_operands(
             )));
         }
     }
-    // Floats of x, or words of its 8-bit blocks (x_q8).
-    let per_vector = if x_q8 { q8_words(w.cols) } else { w.cols };
+    // Floats of x, or words of its 8-bit blocks (x_words).
+    let per_vector = x_words.unwrap_or(w.cols);
     let x_end = n.checked_mul(per_vector).and_then(|v| v.checked_add(x_offset));
-    let y_end =
-        n.checked_sub(1).and_then(|v| v.checked_mul(y_out.stride)).and_then(|v| v.checked_add(y_out.offset + w.rows));
+    let y_end = if y_q8 {
+        n.checked_mul(q8_words(w.rows))
+    } else {
+        n.checked_sub(1).and_then(|v| v.checked_mul(y_out.stride)).and_then(|v| v.checked_add(y_out.offset + w.rows))
+    };
     match (x_end, y_end) {
         (Some(xe), Some(ye)) if (xe as u64) * 4 <= x.size && (ye as u64) * 4 <= y.size => {
             u32_of("x end", xe)?;
@@ -270,7 +274,7 @@ fn bind_chunks(
     mats: &[&GpuMatrix],
     x: &GpuBuffer,
     x_offset: usize,
-    norm: Option<&GpuBuffer>,
+    tail: &[&GpuBuffer],
     y: &GpuBuffer,
     y_out: OutRows,
     n: usize,
@@ -284,8 +288,8 @@ fn bind_chunks(
         for m in mats {
             entries.push(m.chunks[ci].buf.binding());
         }
-        if let Some(g) = norm {
-            entries.push(g.binding());
+        for b in tail {
+            entries.push(b.binding());
         }
         let bind_group = gpu.bind_group(pipeline, &entries);
         out.push((Bound { pipeline: pipeline.clone(), bind_group, params: Some(params) }, groups(c.rows)));
@@ -326,6 +330,47 @@ pub fn matvec_q8_workgroup(gpu: &Gpu, cols: usize) -> usize {
         256
     } else {
         128
+    }
+}
+
+/// Invocations per workgroup of [`MatVec::with_q8_output`]: eight segments of four rows make
+/// its 32-row block, so this sets the invocations per row (wg / 8). Measured on an H100, 8B
+/// Q4_0 decode at 1K (benches/RESULTS.md, round 9): 64 -> 249 tok/s, 128 -> 312, 256 -> 341,
+/// 512 -> 330, against 333 with the quantize dispatch.
+pub fn q8_output_workgroup(gpu: &Gpu) -> usize {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        return 64;
+    }
+    256
+}
+
+/// Invocations per workgroup of [`MatVec::with_q8_norm_output`]: 8 x 128 where the rows are
+/// long enough, as the adapter allows (64 on CPU adapters). Measured on an H100
+/// (benches/RESULTS.md, round 9): with 512 or 256 invocations Llama-3-8B's down product at
+/// 32 rows per workgroup ran 20-80% slower than with 1024.
+pub fn q8_norm_workgroup(gpu: &Gpu, cols: usize) -> usize {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        return 64;
+    }
+    let tpr = threads_per_row_of(cols, true, 128) as usize;
+    8 * tpr.min(gpu.caps.max_invocations as usize / 8).max(8)
+}
+
+/// Words per vector of an 8-bit vector with its blocks' sums of squares
+/// ([`MatVec::with_q8_norm_output`]): [`q8_words`], then one word per 32-value block, padded
+/// to whole vec4s (matvec.wgsl's q8_norm_stride).
+pub fn q8_norm_words(k: usize) -> usize {
+    q8_words(k) + (k / 32).next_multiple_of(4)
+}
+
+/// The matvec key for workgroups of `wg` invocations (64 unless defined otherwise).
+fn with_wg(key: PipelineKey, wg: usize) -> PipelineKey {
+    match wg {
+        1024 => key.define("WG1024"),
+        512 => key.define("WG512"),
+        256 => key.define("WG256"),
+        128 => key.define("WG128"),
+        _ => key,
     }
 }
 
@@ -370,6 +415,14 @@ pub struct MatVec {
     q8_input: bool,
     /// Invocations per workgroup instead of [`matvec_q8_workgroup`]'s choice (tests).
     workgroup: Option<usize>,
+    /// The SwiGLU output is written as 8-bit blocks ([`MatVec::with_q8_output`]).
+    q8_output: bool,
+    /// x carries its blocks' sums of squares, and the products are scaled by the 1 / rms
+    /// they give with this epsilon ([`MatVec::with_norm_scale`]).
+    norm_scale: Option<f32>,
+    /// The Add product also writes the new vector for the next norm
+    /// ([`MatVec::with_q8_norm_output`]).
+    q8_norm_output: bool,
 }
 
 impl MatVec {
@@ -388,8 +441,18 @@ impl MatVec {
     }
 
     fn build(gpu: &Gpu, dtype: DType, epilogue: Epilogue, norm_eps: Option<f32>) -> Result<MatVec> {
-        let k =
-            MatVec { dtype, epilogue, norm_eps, merge: None, rows_per_segment: None, q8_input: false, workgroup: None };
+        let k = MatVec {
+            dtype,
+            epilogue,
+            norm_eps,
+            merge: None,
+            rows_per_segment: None,
+            q8_input: false,
+            workgroup: None,
+            q8_output: false,
+            norm_scale: None,
+            q8_norm_output: false,
+        };
         // The fast path is what real models use; compile it now. The element-wise path (odd
         // shapes) compiles on first bind.
         gpu.pipeline(&k.key(gpu, true, 64).constant("R", 4))?;
@@ -405,12 +468,13 @@ impl MatVec {
         Ok(self)
     }
 
-    /// Forces 64, 128 or 256 invocations per workgroup of a matvec of 8-bit vectors (tests;
-    /// normally [`matvec_q8_workgroup`]).
+    /// Forces 64, 128, 256, 512 or 1024 invocations per workgroup of a matvec of 8-bit
+    /// vectors (tests; normally [`matvec_q8_workgroup`] or, for the kernels writing 8-bit
+    /// blocks, [`q8_output_workgroup`] and [`q8_norm_workgroup`]).
     pub fn with_workgroup(mut self, wg: usize) -> Result<MatVec> {
-        if !self.q8_input || ![64, 128, 256].contains(&wg) {
+        if !self.q8_input || ![64, 128, 256, 512, 1024].contains(&wg) {
             return Err(Error::InvalidArgument(format!(
-                "{wg} invocations per workgroup (64, 128 or 256, for 8-bit vectors only)"
+                "{wg} invocations per workgroup (64 to 1024, for 8-bit vectors only)"
             )));
         }
         self.workgroup = Some(wg);
@@ -437,6 +501,9 @@ impl MatVec {
             rows_per_segment: None,
             q8_input: false,
             workgroup: None,
+            q8_output: false,
+            norm_scale: None,
+            q8_norm_output: false,
         };
         gpu.pipeline(&k.key(gpu, true, threads_per_row(cols, true)).constant("R", 4))?;
         Ok(k)
@@ -458,9 +525,56 @@ impl MatVec {
             rows_per_segment: None,
             q8_input: true,
             workgroup: None,
+            q8_output: false,
+            norm_scale: None,
+            q8_norm_output: false,
         };
         gpu.pipeline(&k.key(gpu, true, 64).constant("R", 4))?;
         Ok(k)
+    }
+
+    /// `y = q8(silu(G x) * (U x))` of an 8-bit vector x: the SwiGLU product of
+    /// [`MatVec::with_q8_input`] writing its output quantized to 8 bits per 32-element block,
+    /// as [`crate::kernels::quantize::QuantizeQ8`] would (the down product's input), so that
+    /// no quantize dispatch follows. Each workgroup computes one block, 32 rows; matrices
+    /// take a multiple of 32 rows ([`MatVec::q8_output_fits`]) and `y` holds
+    /// [`crate::kernels::quantize::q8_words`] of the row count per vector.
+    pub fn with_q8_output(gpu: &Gpu, dtype: DType) -> Result<MatVec> {
+        let mut k = Self::with_q8_input(gpu, dtype, Epilogue::SwiGlu)?;
+        k.q8_output = true;
+        let wg = q8_output_workgroup(gpu);
+        gpu.pipeline(&with_wg(k.key(gpu, true, (wg / 8) as u32).constant("R", 4), wg))?;
+        Ok(k)
+    }
+
+    /// A product of 8-bit vectors that [`MatVec::with_q8_norm_output`] wrote: x carries its
+    /// blocks' sums of squares after it ([`q8_norm_words`]), and the products are scaled by
+    /// `1 / sqrt(mean(x^2) + eps)`, which makes them products of the RMS-normalised vector.
+    /// Its workgroups take at most 256 invocations.
+    pub fn with_norm_scale(mut self, eps: f32) -> Result<MatVec> {
+        if !self.q8_input || self.workgroup.is_some_and(|w| w > 256) {
+            return Err(Error::InvalidArgument("a norm scale needs 8-bit vectors and at most 256 invocations".into()));
+        }
+        self.norm_scale = Some(eps);
+        Ok(self)
+    }
+
+    /// `y += W x` of 8-bit vectors (a layer's Wo or down product) that also writes the new y,
+    /// times the next RMSNorm's weight `g`, as 8-bit blocks with their sums of squares
+    /// ([`q8_norm_words`] per vector) for a product [`MatVec::with_norm_scale`]: the norm
+    /// dispatch in front of the next products goes. Each workgroup computes one 32-row
+    /// block ([`MatVec::q8_output_fits`]; [`q8_norm_workgroup`] invocations).
+    pub fn with_q8_norm_output(gpu: &Gpu, dtype: DType) -> Result<MatVec> {
+        let mut k = Self::with_q8_input(gpu, dtype, Epilogue::Add)?;
+        k.q8_norm_output = true;
+        Ok(k)
+    }
+
+    /// Whether [`MatVec::with_q8_output`] takes these gate/up matrices: whole blocks of rows
+    /// in every chunk.
+    pub fn q8_output_fits(w: &GpuMatrix) -> bool {
+        w.rows.is_multiple_of(32)
+            && w.chunks.iter().all(|c| c.row_start.is_multiple_of(32) && c.rows.is_multiple_of(32))
     }
 
     /// Weight formats with an integer-dot product of 8-bit vectors: the 8- and 4-bit ones.
@@ -511,6 +625,16 @@ impl MatVec {
         }
         if self.q8_input {
             key = key.define("XQ8");
+            if self.q8_output {
+                key = key.define("QOUT").define("QBLOCK");
+            }
+            if self.q8_norm_output {
+                key = key.define("QNORM").define("QBLOCK").define("Q8NORM");
+            }
+            if let Some(eps) = self.norm_scale {
+                key = key.define("NSCALE").define("Q8NORM").constant("EPS_BITS", eps.to_bits());
+                key.sources.insert(0, super::REDUCE_WGSL);
+            }
         } else if fast {
             key = key.define("XVEC");
         }
@@ -637,7 +761,8 @@ impl MatVec {
         y_out: OutRows,
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
-        check_operands("matvec", self.dtype, mats, x, x_offset, y, y_out, n, self.q8_input)?;
+        let x_words = self.q8_input.then(|| self.x_words(mats[0].cols));
+        check_operands("matvec", self.dtype, mats, x, x_offset, y, y_out, n, x_words, self.q8_output)?;
         if self.q8_input && (!mats[0].cols.is_multiple_of(32) || x_offset != 0) {
             return Err(Error::InvalidArgument(format!(
                 "a matvec of 8-bit vectors takes a multiple of 32 columns from offset 0, not {} from {x_offset}",
@@ -652,6 +777,14 @@ impl MatVec {
             (false, _) => Self::check_norm(self.norm_eps.is_some(), norm, mats[0].cols)?,
         }
         let w = mats[0];
+        if self.q8_norm_output {
+            return Err(Error::InvalidArgument(
+                "a matvec built with_q8_norm_output binds through bind_add_norm_q8".into(),
+            ));
+        }
+        if self.q8_output {
+            return self.bind_blocks(gpu, mats, x, &[], y, y_out, n);
+        }
         let fast = self.q8_input || (w.cols.is_multiple_of(32) && x_offset.is_multiple_of(4));
         let wg = match (self.q8_input, self.workgroup) {
             (true, Some(wg)) => wg,
@@ -662,22 +795,100 @@ impl MatVec {
         let segments = wg / tpr as usize;
         let largest = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0);
         let r = self.rows_per_segment.unwrap_or_else(|| matvec_rows(gpu, largest, segments));
-        let mut key = self.key(gpu, fast, tpr).constant("R", r as u32);
-        if wg == 256 {
-            key = key.define("WG256");
-        } else if wg == 128 {
-            key = key.define("WG128");
-        }
-        let pipeline = gpu.pipeline(&key)?;
+        let pipeline = gpu.pipeline(&with_wg(self.key(gpu, fast, tpr).constant("R", r as u32), wg))?;
         let rows_per_group = r * segments;
         if largest.div_ceil(rows_per_group) > 65535 {
             return Err(Error::InvalidArgument(format!(
                 "{largest} rows at {r} per segment need more than 65535 workgroups"
             )));
         }
-        Ok(bind_chunks(gpu, "matvec", &pipeline, mats, x, x_offset, norm, y, y_out, n, |rows| {
+        Ok(bind_chunks(gpu, "matvec", &pipeline, mats, x, x_offset, norm.as_slice(), y, y_out, n, |rows| {
             [n as u32, rows.div_ceil(rows_per_group) as u32, 1]
         }))
+    }
+
+    /// [`MatVec::bind_all`] for the kernels that write 32-row blocks (8-bit outputs): one
+    /// workgroup per block; `tail` binds after the matrices.
+    #[allow(clippy::too_many_arguments)]
+    fn bind_blocks(
+        &self,
+        gpu: &Gpu,
+        mats: &[&GpuMatrix],
+        x: &GpuBuffer,
+        tail: &[&GpuBuffer],
+        y: &GpuBuffer,
+        y_out: OutRows,
+        n: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        let w = mats[0];
+        if !Self::q8_output_fits(w) || y_out != OutRows::whole(w) {
+            return Err(Error::InvalidArgument(format!(
+                "an 8-bit output takes whole 32-row blocks of a whole matrix, not {} rows",
+                w.rows
+            )));
+        }
+        let (wg, r) = self.block_layout(gpu, w.cols);
+        if self.norm_scale.is_some() && wg > 256 {
+            return Err(Error::InvalidArgument(format!("a norm scale takes at most 256 invocations, not {wg}")));
+        }
+        let key = with_wg(self.key(gpu, true, (wg * r / 32) as u32).constant("R", r as u32), wg);
+        let pipeline = gpu.pipeline(&key)?;
+        Ok(bind_chunks(gpu, "matvec", &pipeline, mats, x, 0, tail, y, y_out, n, |rows| {
+            [n as u32, (rows / 32) as u32, 1]
+        }))
+    }
+
+    /// Binds `y += W x` for a kernel built [`MatVec::with_q8_norm_output`]: `g` is the next
+    /// RMSNorm's weight (one per row of W), `xq_out` receives [`q8_norm_words`] of W's row
+    /// count per vector.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_add_norm_q8(
+        &self,
+        gpu: &Gpu,
+        w: &GpuMatrix,
+        x: &GpuBuffer,
+        y: &GpuBuffer,
+        g: &GpuBuffer,
+        xq_out: &GpuBuffer,
+        n: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        if !self.q8_norm_output {
+            return Err(Error::InvalidArgument("bind_add_norm_q8 needs a matvec built with_q8_norm_output".into()));
+        }
+        check_operands("matvec", self.dtype, &[w], x, 0, y, OutRows::whole(w), n, Some(self.x_words(w.cols)), false)?;
+        if g.size < w.rows as u64 * 4 {
+            return Err(Error::InvalidArgument(format!("norm weight of {} bytes for {} rows", g.size, w.rows)));
+        }
+        let need = n as u64 * q8_norm_words(w.rows) as u64 * 4;
+        if xq_out.size < need {
+            return Err(Error::InvalidArgument(format!("8-bit output of {} bytes, need {need}", xq_out.size)));
+        }
+        self.bind_blocks(gpu, &[w], x, &[g, xq_out], y, OutRows::whole(w), n)
+    }
+
+    /// Invocations and rows per segment of the kernels that write 32-row blocks: 32 / R
+    /// segments of wg * R / 32 invocations each. The norm output's products (Wo, down) take
+    /// one row per segment, 32 segments, on GPUs: measured on an H100 (benches/RESULTS.md,
+    /// round 9), 8B Q4_0 decode at 1K 355 -> 363 tok/s with down so, 371 with Wo too, against
+    /// four rows per segment.
+    fn block_layout(&self, gpu: &Gpu, cols: usize) -> (usize, usize) {
+        let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
+        let wg = match self.workgroup {
+            Some(wg) => wg,
+            None if self.q8_norm_output => q8_norm_workgroup(gpu, cols),
+            None => q8_output_workgroup(gpu),
+        };
+        let one_row = self.q8_norm_output && !cpu;
+        (wg, self.rows_per_segment.unwrap_or(if one_row { 1 } else { 4 }))
+    }
+
+    /// Words per vector of this kernel's 8-bit x of `cols` values.
+    fn x_words(&self, cols: usize) -> usize {
+        if self.norm_scale.is_some() {
+            q8_norm_words(cols)
+        } else {
+            q8_words(cols)
+        }
     }
 
     /// Changes the vector count of bound dispatches to `n` (at most the count they were bound
@@ -810,7 +1021,7 @@ impl MatMul {
         y_out: OutRows,
         t: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
-        check_operands("matmul", self.dtype, mats, x, x_offset, y, y_out, t, false)?;
+        check_operands("matmul", self.dtype, mats, x, x_offset, y, y_out, t, None, false)?;
         let coop = self.coop && mats[0].cols.is_multiple_of(32) && x_offset.is_multiple_of(4);
         let pipeline = if coop == self.coop {
             self.pipeline.clone()
@@ -818,7 +1029,7 @@ impl MatMul {
             gpu.pipeline(&Self::key(gpu, self.dtype, self.epilogue, coop))?
         };
         let tile_n = Self::tile_n(coop, self.epilogue);
-        Ok(bind_chunks(gpu, "matmul", &pipeline, mats, x, x_offset, None, y, y_out, t, |rows| {
+        Ok(bind_chunks(gpu, "matmul", &pipeline, mats, x, x_offset, &[], y, y_out, t, |rows| {
             [t.div_ceil(MATMUL_TILE_T) as u32, rows.div_ceil(tile_n) as u32, 1]
         }))
     }
@@ -1099,6 +1310,226 @@ pub(crate) mod tests {
                 check(&what, &got, &reference_swiglu(&gd, &ud, &xd, n, k), &s)
             }
         }
+    }
+
+    /// [`MatVec::with_q8_output`] against the CPU SwiGLU product: the blocks it writes stand
+    /// for the product's values to within half a quantization step (plus the product's own
+    /// rounding), their scales follow the block maxima and `s` their bytes.
+    fn q8_out_case(gpu: &Gpu, dtype: DType, n: usize, k: usize, t: usize, wg: usize, seed: u64) {
+        use crate::kernels::quantize;
+        let mut rng = Rng::new(seed);
+        let (gq, gd) = weights(dtype, n, k, &mut rng);
+        let (uq, ud) = weights(dtype, n, k, &mut rng);
+        let x = rng.vec(t * k, 2.0);
+        let blocks: Vec<Vec<quantize::Q8Block>> = x.chunks_exact(k).map(quantize::reference).collect();
+        let xd: Vec<f32> = blocks.iter().flat_map(|b| quantize::dequantize(b)).collect();
+        let words: Vec<u32> = blocks.iter().flat_map(|b| quantize::pack(b)).collect();
+        let gm = GpuMatrix::upload(gpu, "g", dtype, n, k, &gq).unwrap();
+        let um = GpuMatrix::upload(gpu, "u", dtype, n, k, &uq).unwrap();
+        let xb = gpu.upload("xq", &words).unwrap();
+        let yw = quantize::q8_words(n);
+        let yb = gpu.upload("y", &vec![u32::MAX; t * yw]).unwrap();
+        let kern = MatVec::with_q8_output(gpu, dtype).unwrap().with_workgroup(wg).unwrap();
+        let bound = kern.bind_swiglu(gpu, &gm, &um, &xb, 0, &yb, t).unwrap();
+        run_pass(gpu, |p| bound.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
+        let got: Vec<u32> = gpu.read(&yb, 0, t * yw).unwrap();
+        let what = format!("q8-out matvec {} N={n} K={k} T={t} wg {wg} {:?}", dtype.name(), gpu.flags());
+        let want = reference_swiglu(&gd, &ud, &xd, n, k);
+        let (gr, ur) = (reference(&gd, &xd, n, k), reference(&ud, &xd, n, k));
+        let (sg, su) = (abs_scale(&gd, &xd, n, k), abs_scale(&ud, &xd, n, k));
+        for v in 0..t {
+            let b = quantize::unpack(&got[v * yw..(v + 1) * yw], n);
+            let deq = quantize::dequantize(&b);
+            for (bi, blk) in b.iter().enumerate() {
+                let rows = v * n + bi * 32..v * n + bi * 32 + 32;
+                // The product's own error bound per value, as q8_case checks SwiGLU.
+                let tol: Vec<f64> = rows
+                    .clone()
+                    .map(|i| 10.0 * F32_REL * (1.1 * sg[i] * (ur[i].abs() + su[i]) + (gr[i].abs() + sg[i]) * su[i]))
+                    .collect();
+                let tmax = tol.iter().cloned().fold(0.0, f64::max);
+                let amax = want[rows.clone()].iter().fold(0.0f64, |m, w| m.max(w.abs()));
+                assert!(
+                    (blk.d as f64 * 127.0 - amax).abs() <= tmax + 1e-6 * amax,
+                    "{what}: block {bi} of vector {v}: scale {} for a maximum of {amax}",
+                    blk.d
+                );
+                let sum: i32 = blk.q.iter().map(|&q| q as i32).sum();
+                assert_eq!(blk.s, blk.d * sum as f32, "{what}: block {bi}: s");
+                for (j, i) in rows.enumerate() {
+                    let err = (deq[bi * 32 + j] as f64 - want[i]).abs();
+                    assert!(
+                        err <= 0.5 * blk.d as f64 * 1.0001 + tol[j] + tmax / 127.0 * 0.5,
+                        "{what}: value {i}: {} for {}",
+                        deq[bi * 32 + j],
+                        want[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matvec_q8_output() {
+        for gpu in variants() {
+            for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+                for (i, &(n, k, t)) in
+                    [(32, 32, 1), (96, 96, 3), (64, 576, 1), (1536, 576, 1), (96, 4096, 2)].iter().enumerate()
+                {
+                    q8_out_case(gpu, dtype, n, k, t, [64, 128, 256][i % 3], i as u64 + 40);
+                }
+            }
+        }
+        // Llama-3-8B's gate/up (14336 x 4096), once.
+        q8_out_case(&variants()[0], DType::Q4_0, 14336, 4096, 1, 128, 47);
+        let gpu = &variants()[0];
+        let k = MatVec::with_q8_output(gpu, DType::Q4_0).unwrap();
+        let mut rng = Rng::new(2);
+        let (q, _) = weights(DType::Q4_0, 40, 64, &mut rng);
+        let m = GpuMatrix::upload(gpu, "w", DType::Q4_0, 40, 64, &q).unwrap();
+        let x = gpu.storage("x", 1024).unwrap();
+        // 40 rows are not whole blocks; a 32-row output needs 12 words (48 bytes).
+        assert!(k.bind_swiglu(gpu, &m, &m, &x, 0, &gpu.storage("y", 1024).unwrap(), 1).is_err());
+        let (q, _) = weights(DType::Q4_0, 32, 64, &mut rng);
+        let m = GpuMatrix::upload(gpu, "w", DType::Q4_0, 32, 64, &q).unwrap();
+        assert!(k.bind_swiglu(gpu, &m, &m, &x, 0, &gpu.storage("y", 44).unwrap(), 1).is_err());
+        assert!(k.bind_swiglu(gpu, &m, &m, &x, 0, &gpu.storage("y", 48).unwrap(), 1).is_ok());
+        assert!(MatVec::with_q8_output(gpu, DType::F16).is_err());
+    }
+
+    /// The Add product that writes the next norm's 8-bit input
+    /// ([`MatVec::with_q8_norm_output`]) and the products that read it
+    /// ([`MatVec::with_norm_scale`]) against the CPU: y += W x as the plain Add product; the
+    /// blocks are the quantization of the new y times g (bytes within one, as
+    /// quantize_q8.wgsl's own test allows) with each block's sum of squares of y; the reading
+    /// products equal the CPU products of the dequantized blocks divided by the rms of y, and
+    /// the SwiGLU one's 8-bit output stands for them within half a step.
+    #[allow(clippy::too_many_arguments)]
+    fn q8_norm_case(
+        gpu: &Gpu,
+        dtype: DType,
+        n: usize,
+        k: usize,
+        n2: usize,
+        t: usize,
+        layout: Option<(usize, usize)>,
+        seed: u64,
+    ) {
+        use crate::kernels::quantize;
+        let eps = 1e-5f32;
+        let mut rng = Rng::new(seed);
+        let (wq, wd) = weights(dtype, n, k, &mut rng);
+        let x = rng.vec(t * k, 2.0);
+        let blocks: Vec<Vec<quantize::Q8Block>> = x.chunks_exact(k).map(quantize::reference).collect();
+        let xd: Vec<f32> = blocks.iter().flat_map(|b| quantize::dequantize(b)).collect();
+        let words: Vec<u32> = blocks.iter().flat_map(|b| quantize::pack(b)).collect();
+        let y0 = rng.vec(t * n, 2.0);
+        let g: Vec<f32> = rng.vec(n, 1.0).iter().map(|v| 0.5 + v.abs()).collect();
+        let wm = GpuMatrix::upload(gpu, "w", dtype, n, k, &wq).unwrap();
+        let (xb, yb, gb) =
+            (gpu.upload("xq", &words).unwrap(), gpu.upload("y", &y0).unwrap(), gpu.upload("g", &g).unwrap());
+        let qw = q8_norm_words(n);
+        let qb = gpu.upload("xq_out", &vec![u32::MAX; t * qw]).unwrap();
+        let mut kern = MatVec::with_q8_norm_output(gpu, dtype).unwrap();
+        if let Some((wg, r)) = layout {
+            kern = kern.with_workgroup(wg).unwrap().with_rows_per_segment(r).unwrap();
+        }
+        let bound = kern.bind_add_norm_q8(gpu, &wm, &xb, &yb, &gb, &qb, t).unwrap();
+        run_pass(gpu, |p| bound.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
+        let what = format!("q8-norm matvec {} N={n} K={k} T={t} (wg, R) {layout:?} {:?}", dtype.name(), gpu.flags());
+        let y: Vec<f32> = gpu.read(&yb, 0, t * n).unwrap();
+        let s: Vec<f64> = abs_scale(&wd, &xd, n, k).iter().zip(&y0).map(|(s, y)| s + y.abs() as f64).collect();
+        check(&what, &y, &reference_add(&y0, &wd, &xd, n, k), &s);
+        let got: Vec<u32> = gpu.read(&qb, 0, t * qw).unwrap();
+        // The normalised vectors the blocks stand for, and their rms.
+        let mut xn = vec![];
+        for v in 0..t {
+            let yv = &y[v * n..(v + 1) * n];
+            let yg: Vec<f32> = yv.iter().zip(&g).map(|(a, b)| a * b).collect();
+            let gotb = quantize::unpack(&got[v * qw..], n);
+            quantize::tests::check(&what, &gotb, &quantize::reference(&yg));
+            for (bi, c) in yv.chunks_exact(32).enumerate() {
+                let want: f64 = c.iter().map(|&a| a as f64 * a as f64).sum();
+                let sq = f32::from_bits(got[v * qw + quantize::q8_words(n) + bi]) as f64;
+                assert!((sq - want).abs() <= 1e-5 * want, "{what}: block {bi} sum of squares {sq} vs {want}");
+            }
+            let ms = yv.iter().map(|&a| a as f64 * a as f64).sum::<f64>() / n as f64;
+            let r = 1.0 / (ms + eps as f64).sqrt();
+            xn.extend(quantize::dequantize(&gotb).iter().map(|&a| (a as f64 * r) as f32));
+        }
+        // A product of it (Q/K/V's kernel).
+        let (w2q, w2d) = weights(dtype, n2, n, &mut rng);
+        let w2 = GpuMatrix::upload(gpu, "w2", dtype, n2, n, &w2q).unwrap();
+        let out = gpu.storage("out", (t * n2 * 4) as u64).unwrap();
+        let k2 = MatVec::with_q8_input(gpu, dtype, Epilogue::Store).unwrap().with_norm_scale(eps).unwrap();
+        let b2 = k2.bind(gpu, &w2, &qb, 0, &out, t).unwrap();
+        run_pass(gpu, |p| b2.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
+        let got2: Vec<f32> = gpu.read(&out, 0, t * n2).unwrap();
+        check(&format!("{what} -> N={n2}"), &got2, &reference(&w2d, &xn, n2, n), &abs_scale(&w2d, &xn, n2, n));
+        // The SwiGLU product with 8-bit output (gate/up's kernel), where the rows allow.
+        if n2.is_multiple_of(32) {
+            let (u2q, u2d) = weights(dtype, n2, n, &mut rng);
+            let u2 = GpuMatrix::upload(gpu, "u2", dtype, n2, n, &u2q).unwrap();
+            let yw = quantize::q8_words(n2);
+            let out = gpu.upload("out", &vec![u32::MAX; t * yw]).unwrap();
+            let k3 = MatVec::with_q8_output(gpu, dtype).unwrap().with_norm_scale(eps).unwrap();
+            let b3 = k3.bind_swiglu(gpu, &w2, &u2, &qb, 0, &out, t).unwrap();
+            run_pass(gpu, |p| b3.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
+            let got3: Vec<u32> = gpu.read(&out, 0, t * yw).unwrap();
+            let want = reference_swiglu(&w2d, &u2d, &xn, n2, n);
+            let (gr, ur) = (reference(&w2d, &xn, n2, n), reference(&u2d, &xn, n2, n));
+            let (sg, su) = (abs_scale(&w2d, &xn, n2, n), abs_scale(&u2d, &xn, n2, n));
+            for v in 0..t {
+                let b = quantize::unpack(&got3[v * yw..], n2);
+                for (i, (&a, blk)) in quantize::dequantize(&b).iter().zip(b.iter().flat_map(|b| [b; 32])).enumerate() {
+                    let j = v * n2 + i;
+                    let tol = 10.0 * F32_REL * (1.1 * sg[j] * (ur[j].abs() + su[j]) + (gr[j].abs() + sg[j]) * su[j]);
+                    assert!(
+                        (a as f64 - want[j]).abs() <= 0.5001 * blk.d as f64 + 2.0 * tol,
+                        "{what} -> swiglu N={n2}: value {i} of vector {v}: {a} for {}",
+                        want[j]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matvec_q8_norm_output() {
+        for gpu in variants() {
+            for (i, dtype) in [DType::Q8_0, DType::Q4_0, DType::Q4_1].into_iter().enumerate() {
+                q8_norm_case(gpu, dtype, 64, 96, 37, 2, None, 60 + i as u64);
+                q8_norm_case(gpu, dtype, 576, 576, 96, 1, Some(([64, 128, 256][i], [1, 2, 4][i])), 63 + i as u64);
+            }
+        }
+        // Llama-3-8B's Wo (4096 x 4096) into gate/up-sized rows, and its down product (4096 x
+        // 14336) in the layout GPUs use for it, once.
+        q8_norm_case(&variants()[0], DType::Q4_0, 4096, 4096, 256, 1, None, 66);
+        q8_norm_case(&variants()[0], DType::Q4_0, 4096, 14336, 64, 1, Some((1024, 1)), 67);
+        let gpu = &variants()[0];
+        let k = MatVec::with_q8_norm_output(gpu, DType::Q4_0).unwrap();
+        let mut rng = Rng::new(3);
+        let (q, _) = weights(DType::Q4_0, 40, 64, &mut rng);
+        let m = GpuMatrix::upload(gpu, "w", DType::Q4_0, 40, 64, &q).unwrap();
+        let buf = |n| gpu.storage("b", n).unwrap();
+        // 40 rows are not whole blocks; plain bind is refused; a short norm weight or output.
+        assert!(k.bind_add_norm_q8(gpu, &m, &buf(1024), &buf(1024), &buf(1024), &buf(1024), 1).is_err());
+        let (q, _) = weights(DType::Q4_0, 32, 64, &mut rng);
+        let m = GpuMatrix::upload(gpu, "w", DType::Q4_0, 32, 64, &q).unwrap();
+        assert!(k.bind(gpu, &m, &buf(1024), 0, &buf(1024), 1).is_err());
+        assert!(k.bind_add_norm_q8(gpu, &m, &buf(1024), &buf(1024), &buf(64), &buf(1024), 1).is_err());
+        // q8_norm_words(32) = 12 + 4 words.
+        assert!(k.bind_add_norm_q8(gpu, &m, &buf(1024), &buf(1024), &buf(128), &buf(60), 1).is_err());
+        assert!(k.bind_add_norm_q8(gpu, &m, &buf(1024), &buf(1024), &buf(128), &buf(64), 1).is_ok());
+        let s = MatVec::with_q8_input(gpu, DType::Q4_0, Epilogue::Store).unwrap().with_norm_scale(1e-5).unwrap();
+        // The reading product needs the sums of squares after the 8-bit vector.
+        let x = gpu.storage("x", 4 * quantize_words(64) as u64).unwrap();
+        assert!(s.bind(gpu, &m, &x, 0, &buf(1024), 1).is_err());
+        assert!(MatVec::with_q8_input(gpu, DType::F16, Epilogue::Store).is_err());
+    }
+
+    fn quantize_words(k: usize) -> usize {
+        crate::kernels::quantize::q8_words(k)
     }
 
     #[test]
