@@ -440,11 +440,12 @@ impl MatVec {
         Self::build(gpu, dtype, epilogue, Some(eps))
     }
 
-    fn build(gpu: &Gpu, dtype: DType, epilogue: Epilogue, norm_eps: Option<f32>) -> Result<MatVec> {
-        let k = MatVec {
+    /// The plain product's settings, which the constructors change.
+    fn plain(dtype: DType, epilogue: Epilogue) -> MatVec {
+        MatVec {
             dtype,
             epilogue,
-            norm_eps,
+            norm_eps: None,
             merge: None,
             rows_per_segment: None,
             q8_input: false,
@@ -452,7 +453,11 @@ impl MatVec {
             q8_output: false,
             norm_scale: None,
             q8_norm_output: false,
-        };
+        }
+    }
+
+    fn build(gpu: &Gpu, dtype: DType, epilogue: Epilogue, norm_eps: Option<f32>) -> Result<MatVec> {
+        let k = MatVec { norm_eps, ..Self::plain(dtype, epilogue) };
         // The fast path is what real models use; compile it now. The element-wise path (odd
         // shapes) compiles on first bind.
         gpu.pipeline(&k.key(gpu, true, 64).constant("R", 4))?;
@@ -493,18 +498,7 @@ impl MatVec {
                 Self::NORM_MAX_COLS
             )));
         }
-        let k = MatVec {
-            dtype,
-            epilogue: Epilogue::Add,
-            norm_eps: None,
-            merge: Some(input),
-            rows_per_segment: None,
-            q8_input: false,
-            workgroup: None,
-            q8_output: false,
-            norm_scale: None,
-            q8_norm_output: false,
-        };
+        let k = MatVec { merge: Some(input), ..Self::plain(dtype, Epilogue::Add) };
         gpu.pipeline(&k.key(gpu, true, threads_per_row(cols, true)).constant("R", 4))?;
         Ok(k)
     }
@@ -517,18 +511,7 @@ impl MatVec {
         if !Self::takes_q8_input(dtype) {
             return Err(Error::InvalidArgument(format!("{} weights take f32 vectors, not 8-bit ones", dtype.name())));
         }
-        let k = MatVec {
-            dtype,
-            epilogue,
-            norm_eps: None,
-            merge: None,
-            rows_per_segment: None,
-            q8_input: true,
-            workgroup: None,
-            q8_output: false,
-            norm_scale: None,
-            q8_norm_output: false,
-        };
+        let k = MatVec { q8_input: true, ..Self::plain(dtype, epilogue) };
         gpu.pipeline(&k.key(gpu, true, 64).constant("R", 4))?;
         Ok(k)
     }
@@ -1188,13 +1171,7 @@ pub(crate) mod tests {
                 check_rel(&what, &got, &reference_add(&y0, &gd, x, n, k), &s, rel)
             }
             Epilogue::SwiGlu => {
-                let g = reference(&gd, x, n, k);
-                let u = reference(&ud, x, n, k);
-                let su = abs_scale(&ud, x, n, k);
-                // d(silu(g) u) <= 1.1 |u| dg + |g| du.
-                let s: Vec<f64> =
-                    (0..g.len()).map(|i| 1.1 * sg[i] * (u[i].abs() + su[i]) + (g[i].abs() + sg[i]) * su[i]).collect();
-                check_rel(&what, &got, &reference_swiglu(&gd, &ud, x, n, k), &s, rel)
+                check_rel(&what, &got, &reference_swiglu(&gd, &ud, x, n, k), &swiglu_scale(&gd, &ud, x, n, k), rel)
             }
         }
     }
@@ -1236,10 +1213,7 @@ pub(crate) mod tests {
         let what = format!("norm+matvec {} {epi:?} N={n} K={k} rows {rows} {:?}", dtype.name(), gpu.flags());
         let sg = abs_scale(&gd, &xn, n, k);
         if epi == Epilogue::SwiGlu {
-            let (gr, ur, su) = (reference(&gd, &xn, n, k), reference(&ud, &xn, n, k), abs_scale(&ud, &xn, n, k));
-            let s: Vec<f64> =
-                (0..n).map(|i| 1.1 * sg[i] * (ur[i].abs() + su[i]) + (gr[i].abs() + sg[i]) * su[i]).collect();
-            check(&what, &got, &reference_swiglu(&gd, &ud, &xn, n, k), &s);
+            check(&what, &got, &reference_swiglu(&gd, &ud, &xn, n, k), &swiglu_scale(&gd, &ud, &xn, n, k));
         } else {
             check(&what, &got, &reference(&gd, &xn, n, k), &sg);
         }
@@ -1262,18 +1236,34 @@ pub(crate) mod tests {
         norm_case(&variants()[0], DType::F16, Epilogue::Store, 70, 2048, 6);
     }
 
+    /// Error scale of silu(G x) * (U x) per row: d(silu(g) u) <= 1.1 |u| dg + |g| du, with
+    /// dg and du bounded by sum |w x|.
+    fn swiglu_scale(gd: &[f32], ud: &[f32], x: &[f32], n: usize, k: usize) -> Vec<f64> {
+        let (g, u) = (reference(gd, x, n, k), reference(ud, x, n, k));
+        let (sg, su) = (abs_scale(gd, x, n, k), abs_scale(ud, x, n, k));
+        (0..g.len()).map(|i| 1.1 * sg[i] * (u[i].abs() + su[i]) + (g[i].abs() + sg[i]) * su[i]).collect()
+    }
+
+    /// `t` random vectors of `k` values quantized to 8 bits on the CPU: the values they stand
+    /// for and the words of quantize_q8.wgsl's layout.
+    fn q8_vectors(rng: &mut Rng, t: usize, k: usize) -> (Vec<f32>, Vec<u32>) {
+        use crate::kernels::quantize;
+        let x = rng.vec(t * k, 2.0);
+        let blocks: Vec<Vec<quantize::Q8Block>> = x.chunks_exact(k).map(quantize::reference).collect();
+        (
+            blocks.iter().flat_map(|b| quantize::dequantize(b)).collect(),
+            blocks.iter().flat_map(|b| quantize::pack(b)).collect(),
+        )
+    }
+
     /// A product of 8-bit vectors (`t` of them, quantized on the CPU) against the f64
     /// product of the dequantized weights and the dequantized vectors: the integer dot
     /// products are exact, so only f32 rounding of the scales and sums remains.
     fn q8_case(gpu: &Gpu, dtype: DType, epi: Epilogue, n: usize, k: usize, t: usize, seed: u64) {
-        use crate::kernels::quantize;
         let mut rng = Rng::new(seed);
         let (gq, gd) = weights(dtype, n, k, &mut rng);
         let (uq, ud) = weights(dtype, n, k, &mut rng);
-        let x = rng.vec(t * k, 2.0);
-        let blocks: Vec<Vec<quantize::Q8Block>> = x.chunks_exact(k).map(quantize::reference).collect();
-        let xd: Vec<f32> = blocks.iter().flat_map(|b| quantize::dequantize(b)).collect();
-        let words: Vec<u32> = blocks.iter().flat_map(|b| quantize::pack(b)).collect();
+        let (xd, words) = q8_vectors(&mut rng, t, k);
         let y0 = rng.vec(t * n, 2.0);
         let gm = GpuMatrix::upload(gpu, "g", dtype, n, k, &gq).unwrap();
         let um = GpuMatrix::upload(gpu, "u", dtype, n, k, &uq).unwrap();
@@ -1303,11 +1293,7 @@ pub(crate) mod tests {
                 check(&what, &got, &reference_add(&y0, &gd, &xd, n, k), &s)
             }
             Epilogue::SwiGlu => {
-                let (gr, ur, su) = (reference(&gd, &xd, n, k), reference(&ud, &xd, n, k), abs_scale(&ud, &xd, n, k));
-                let s: Vec<f64> = (0..gr.len())
-                    .map(|i| 1.1 * sg[i] * (ur[i].abs() + su[i]) + (gr[i].abs() + sg[i]) * su[i])
-                    .collect();
-                check(&what, &got, &reference_swiglu(&gd, &ud, &xd, n, k), &s)
+                check(&what, &got, &reference_swiglu(&gd, &ud, &xd, n, k), &swiglu_scale(&gd, &ud, &xd, n, k))
             }
         }
     }
@@ -1320,10 +1306,7 @@ pub(crate) mod tests {
         let mut rng = Rng::new(seed);
         let (gq, gd) = weights(dtype, n, k, &mut rng);
         let (uq, ud) = weights(dtype, n, k, &mut rng);
-        let x = rng.vec(t * k, 2.0);
-        let blocks: Vec<Vec<quantize::Q8Block>> = x.chunks_exact(k).map(quantize::reference).collect();
-        let xd: Vec<f32> = blocks.iter().flat_map(|b| quantize::dequantize(b)).collect();
-        let words: Vec<u32> = blocks.iter().flat_map(|b| quantize::pack(b)).collect();
+        let (xd, words) = q8_vectors(&mut rng, t, k);
         let gm = GpuMatrix::upload(gpu, "g", dtype, n, k, &gq).unwrap();
         let um = GpuMatrix::upload(gpu, "u", dtype, n, k, &uq).unwrap();
         let xb = gpu.upload("xq", &words).unwrap();
@@ -1335,18 +1318,14 @@ pub(crate) mod tests {
         let got: Vec<u32> = gpu.read(&yb, 0, t * yw).unwrap();
         let what = format!("q8-out matvec {} N={n} K={k} T={t} wg {wg} {:?}", dtype.name(), gpu.flags());
         let want = reference_swiglu(&gd, &ud, &xd, n, k);
-        let (gr, ur) = (reference(&gd, &xd, n, k), reference(&ud, &xd, n, k));
-        let (sg, su) = (abs_scale(&gd, &xd, n, k), abs_scale(&ud, &xd, n, k));
+        let scale = swiglu_scale(&gd, &ud, &xd, n, k);
         for v in 0..t {
             let b = quantize::unpack(&got[v * yw..(v + 1) * yw], n);
             let deq = quantize::dequantize(&b);
             for (bi, blk) in b.iter().enumerate() {
                 let rows = v * n + bi * 32..v * n + bi * 32 + 32;
                 // The product's own error bound per value, as q8_case checks SwiGLU.
-                let tol: Vec<f64> = rows
-                    .clone()
-                    .map(|i| 10.0 * F32_REL * (1.1 * sg[i] * (ur[i].abs() + su[i]) + (gr[i].abs() + sg[i]) * su[i]))
-                    .collect();
+                let tol: Vec<f64> = rows.clone().map(|i| 10.0 * F32_REL * scale[i]).collect();
                 let tmax = tol.iter().cloned().fold(0.0, f64::max);
                 let amax = want[rows.clone()].iter().fold(0.0f64, |m, w| m.max(w.abs()));
                 assert!(
@@ -1419,10 +1398,7 @@ pub(crate) mod tests {
         let eps = 1e-5f32;
         let mut rng = Rng::new(seed);
         let (wq, wd) = weights(dtype, n, k, &mut rng);
-        let x = rng.vec(t * k, 2.0);
-        let blocks: Vec<Vec<quantize::Q8Block>> = x.chunks_exact(k).map(quantize::reference).collect();
-        let xd: Vec<f32> = blocks.iter().flat_map(|b| quantize::dequantize(b)).collect();
-        let words: Vec<u32> = blocks.iter().flat_map(|b| quantize::pack(b)).collect();
+        let (xd, words) = q8_vectors(&mut rng, t, k);
         let y0 = rng.vec(t * n, 2.0);
         let g: Vec<f32> = rng.vec(n, 1.0).iter().map(|v| 0.5 + v.abs()).collect();
         let wm = GpuMatrix::upload(gpu, "w", dtype, n, k, &wq).unwrap();
@@ -1477,13 +1453,12 @@ pub(crate) mod tests {
             run_pass(gpu, |p| b3.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
             let got3: Vec<u32> = gpu.read(&out, 0, t * yw).unwrap();
             let want = reference_swiglu(&w2d, &u2d, &xn, n2, n);
-            let (gr, ur) = (reference(&w2d, &xn, n2, n), reference(&u2d, &xn, n2, n));
-            let (sg, su) = (abs_scale(&w2d, &xn, n2, n), abs_scale(&u2d, &xn, n2, n));
+            let scale = swiglu_scale(&w2d, &u2d, &xn, n2, n);
             for v in 0..t {
                 let b = quantize::unpack(&got3[v * yw..], n2);
                 for (i, (&a, blk)) in quantize::dequantize(&b).iter().zip(b.iter().flat_map(|b| [b; 32])).enumerate() {
                     let j = v * n2 + i;
-                    let tol = 10.0 * F32_REL * (1.1 * sg[j] * (ur[j].abs() + su[j]) + (gr[j].abs() + sg[j]) * su[j]);
+                    let tol = 10.0 * F32_REL * scale[j];
                     assert!(
                         (a as f64 - want[j]).abs() <= 0.5001 * blk.d as f64 + 2.0 * tol,
                         "{what} -> swiglu N={n2}: value {i} of vector {v}: {a} for {}",
