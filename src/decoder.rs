@@ -511,8 +511,8 @@ impl Decoder {
             // norm is fused into f32 products (small models, whose products are too short
             // for the saving to pay for the dispatches).
             let q8 = q8k.filter(|_| layer_q8[i]);
-            let sh_merge = MergeInput { n_heads: sh.n_heads, head_dim: sh.head_dim, splits };
-            let merge_in_o = !prefill && MatVec::merge_fits(sh_merge) && l.o.cols == hidden_attn(sh);
+            let merge_input = MergeInput { n_heads: sh.n_heads, head_dim: sh.head_dim, splits };
+            let merge_in_o = !prefill && MatVec::merge_fits(merge_input) && l.o.cols == hidden_attn(sh);
             // With 8-bit vectors the Wo and down products write the normalised input of the
             // products after them (MatVec::with_q8_norm_output) where those take it: no norm
             // dispatches. Wo only where gate/up writes 8-bit blocks and no step merges the
@@ -596,7 +596,6 @@ impl Decoder {
             // Decode steps over few splits merge them inside the Wo product instead (each of
             // its workgroups merges all the partials: cheaper than a dispatch only while they
             // are few); the merge dispatch and the plain product skip those steps.
-            let merge_input = sh_merge;
             let in_o =
                 move |s: Step| merge_in_o && AttentionKernels::used_splits(splits, s.keys) <= MatVec::MERGE_SPLITS;
             // With 8-bit vectors the merge writes its output quantized for the integer-dot Wo

@@ -107,15 +107,21 @@ fn block_q8(qv: f32, xv: f32, lid: u32, sgs: u32) -> QBlock {
     return out;
 }
 #endif
+#if XQ8
+// Words per vector of quantize_q8.wgsl's layout: k / 4 words of bytes, then (d, s) per
+// block, padded to whole vec4s.
+fn q8_words(k: u32) -> u32 {
+    return ((k / 4u + k / 16u) + 3u) / 4u * 4u;
+}
+#endif
 #if Q8NORM
 // The norm's epsilon as f32 bits.
 override EPS_BITS: u32 = 0u;
 
-// Words per vector of an 8-bit vector with its blocks' sums of squares: the q8 layout
-// (k / 4 words of bytes, (d, s) per block, padded to whole vec4s), then one f32 per block,
-// padded to whole vec4s.
+// Words per vector of an 8-bit vector with its blocks' sums of squares: the q8 layout, then
+// one f32 per block, padded to whole vec4s.
 fn q8_norm_stride(k: u32) -> u32 {
-    return ((k / 4u + k / 16u) + 3u) / 4u * 4u + (k / 32u + 3u) / 4u * 4u;
+    return q8_words(k) + (k / 32u + 3u) / 4u * 4u;
 }
 #endif
 #if MERGE
@@ -294,13 +300,13 @@ fn main(
 #if NSCALE
     let xb = v * q8_norm_stride(p.k) / 4u;
 #else
-    let xb = v * ((p.k / 4u + p.k / 16u + 3u) / 4u);
+    let xb = v * q8_words(p.k) / 4u;
 #endif
     let xds = xb + p.k / 16u;
     let nb = p.k / 32u;
 #if NSCALE
     // The blocks' sums of squares, loaded before the products so that they arrive meanwhile.
-    let sq0 = xb * 4u + ((p.k / 4u + p.k / 16u) + 3u) / 4u * 4u;
+    let sq0 = xb * 4u + q8_words(p.k);
     var ss = 0.0;
     for (var i = lid; i < nb; i += WG) { ss += bitcast<f32>(x[(sq0 + i) / 4u][(sq0 + i) % 4u]); }
 #endif
@@ -401,7 +407,7 @@ fn main(
     let xv = select(0.0, qo[lid % 32u], lid < 32u);
     let qv = xv;
     // Vector v of the 8-bit layout: n_total / 4 words of bytes, then (d, s) per block.
-    let base = v * (((p.n_total / 4u + p.n_total / 16u) + 3u) / 4u) * 4u;
+    let base = v * q8_words(p.n_total);
 #endif
 #if QNORM
     // x += W a for the block's rows, then x * gq.
@@ -427,7 +433,7 @@ fn main(
         out_word(ds, bitcast<u32>(blk_q.d));
         out_word(ds + 1u, bitcast<u32>(blk_q.s));
 #if QNORM
-        out_word(base + ((p.n_total / 4u + p.n_total / 16u) + 3u) / 4u * 4u + blk, bitcast<u32>(blk_q.sq));
+        out_word(base + q8_words(p.n_total) + blk, bitcast<u32>(blk_q.sq));
 #endif
     }
 #else
