@@ -13,7 +13,7 @@ use longwave::decoder::Plan;
 use longwave::gpu::{Gpu, GpuBuffer};
 use longwave::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use longwave::kernels::embedding::Embedding;
-use longwave::kernels::matmul::{q8_norm_words, Epilogue, GpuMatrix, MatMul, MatVec, MergeInput};
+use longwave::kernels::matmul::{norm_output_floats, q8_norm_words, Epilogue, GpuMatrix, MatMul, MatVec, MergeInput};
 use longwave::kernels::quantize::{q8_words, Q8Input, QuantizeQ8};
 use longwave::kernels::rms_norm::RmsNorm;
 use longwave::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
@@ -93,6 +93,38 @@ fn products(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<
             let meta =
                 json!({"op": "matmul", "w": w_name, "dtype": dtype.name(), "rows": rows, "cols": h, "epilogue": name});
             out.case(&case, meta);
+        }
+        // The chain that replaces the norm dispatches of f32-vector decode: Wo (h x h) adds to x
+        // and writes x * g with sums of squares of x; a product reading that scales by 1 / rms
+        // itself (Q/K/V's kernel, here the matrix above).
+        {
+            let wo = quantize(dtype, &rng.vec(h * h, 0.1));
+            let wm = GpuMatrix::upload(gpu, "wo", dtype, h, h, &wo)?;
+            let g = rng.vec(h, 1.0);
+            let (yb, gb) = (gpu.upload("y", &y0[..h])?, gpu.upload("g", &g)?);
+            let k = MatVec::with_norm_output(gpu, dtype)?;
+            let parts = k.norm_output_parts(h).unwrap_or(0);
+            let nf = norm_output_floats(h, parts);
+            let xn = gpu.storage("xn_norm", nf as u64 * 4)?;
+            run(gpu, &k.bind_add_norm(gpu, &wm, &xb, &yb, &gb, &xn, 1)?)?;
+            let norm_case = format!("{}/matvec_norm_out/{}", sh.name, dtype.name());
+            out.raw(format!("{norm_case}/w"), Dtype::U8, &[wo.len()], wo);
+            out.f32(format!("{norm_case}/x"), &[1, h], &x[..h]);
+            out.f32(format!("{norm_case}/y0"), &[1, h], &y0[..h]);
+            out.f32(format!("{norm_case}/g"), &[h], &g);
+            out.f32(format!("{norm_case}/y"), &[1, h], &gpu.read(&yb, 0, h)?);
+            out.f32(format!("{norm_case}/out"), &[nf], &gpu.read(&xn, 0, nf)?);
+            out.case(&norm_case, json!({"op": "matvec_norm_out", "dtype": dtype.name(), "cols": h, "parts": parts}));
+            let yq = gpu.storage("y", rows as u64 * 4)?;
+            let k = MatVec::new(gpu, dtype, Epilogue::Store)?.with_norm_scale(1e-5)?;
+            run(gpu, &k.bind(gpu, &m, &xn, 0, &yq, 1)?)?;
+            let case = format!("{}/matvec_scaled/{}", sh.name, dtype.name());
+            out.f32(format!("{case}/y"), &[1, rows], &gpu.read(&yq, 0, rows)?);
+            out.case(
+                &case,
+                json!({"op": "matvec_scaled", "w": w_name, "norm": norm_case, "dtype": dtype.name(),
+                "rows": rows, "cols": h, "eps": 1e-5}),
+            );
         }
         // Decode products of 8-bit vectors: the vector RMS-normalised and quantized on the GPU
         // (quantize_q8), then the integer-dot product, plain and accumulating.

@@ -11,7 +11,10 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuBuffer};
 use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use crate::kernels::embedding::Embedding;
-use crate::kernels::matmul::{q8_norm_words, Epilogue, GpuMatrix, MatMul, MatVec, MergeInput, OutRows, MATMUL_TILE_T};
+use crate::kernels::matmul::{
+    norm_output_floats, norm_output_parts, q8_norm_words, Epilogue, GpuMatrix, MatMul, MatVec, MergeInput, OutRows,
+    MATMUL_TILE_T,
+};
 use crate::kernels::quantize::{q8_words, Q8Input, QuantizeQ8};
 use crate::kernels::rms_norm::RmsNorm;
 use crate::kernels::sampling::SamplingKernels;
@@ -148,6 +151,11 @@ pub struct MatKernels {
     pub mv_norm_swiglu: MatVec,
     pub mv_swiglu: MatVec,
     pub mv_add: MatVec,
+    /// Wo and down where the vectors stay f32: x += W a, writing the next norm's input.
+    pub mv_add_norm: MatVec,
+    /// The products of that input, which scale by its 1 / rms themselves (Q/K/V, gate/up).
+    pub mv_norm_scale: MatVec,
+    pub mv_swiglu_norm_scale: MatVec,
     pub mm: MatMul,
     pub mm_add: MatMul,
     pub mm_swiglu: MatMul,
@@ -175,6 +183,9 @@ impl Kernels {
                     mv_norm_swiglu: MatVec::with_norm(gpu, d, Epilogue::SwiGlu, c.rms_norm_eps)?,
                     mv_swiglu: MatVec::new(gpu, d, Epilogue::SwiGlu)?,
                     mv_add: MatVec::new(gpu, d, Epilogue::Add)?,
+                    mv_add_norm: MatVec::with_norm_output(gpu, d)?,
+                    mv_norm_scale: MatVec::new(gpu, d, Epilogue::Store)?.with_norm_scale(c.rms_norm_eps)?,
+                    mv_swiglu_norm_scale: MatVec::new(gpu, d, Epilogue::SwiGlu)?.with_norm_scale(c.rms_norm_eps)?,
                     mm: MatMul::new(gpu, d, Epilogue::Store)?,
                     mm_add: MatMul::new(gpu, d, Epilogue::Add)?,
                     mm_swiglu: MatMul::new(gpu, d, Epilogue::SwiGlu)?,
@@ -247,6 +258,9 @@ pub struct Buffers {
     /// x times the next norm's weight in 8 bits with its blocks' sums of squares, written by
     /// the Wo and down products for the products after the norm (MatVec::with_norm_scale).
     pub xq_norm: GpuBuffer,
+    /// The same in f32 (x * g, then sums of squares), written by Wo and down where the
+    /// vectors stay f32 (MatVec::with_norm_output).
+    pub xn_norm: GpuBuffer,
     pub part: GpuBuffer,
     pub last: GpuBuffer,
     pub logits: GpuBuffer,
@@ -358,6 +372,10 @@ impl Buffers {
             xq: gpu.storage("xq", q8_words(c.hidden_size.max(qd as usize).max(c.intermediate_size)) as u64 * 4)?,
             xq_ffn: gpu.storage("xq_ffn", q8_words(c.intermediate_size) as u64 * 4)?,
             xq_norm: gpu.storage("xq_norm", q8_norm_words(c.hidden_size) as u64 * 4)?,
+            xn_norm: gpu.storage(
+                "xn_norm",
+                norm_output_floats(c.hidden_size, norm_output_parts(gpu, c.hidden_size)) as u64 * 4,
+            )?,
             part: gpu.storage("partials", parts * f)?,
             last: gpu.storage("last", hidden * f)?,
             logits: gpu.storage("logits", t * c.vocab_size as u64 * f)?,
@@ -500,7 +518,13 @@ impl Decoder {
                 q8k.is_some() && !fuse_norm && k.q8_all(&mats)
             })
             .collect();
-        // The previous layer's down product wrote this layer's normalised 8-bit input.
+        // Whether layer i's decode products take f32 vectors with the norms outside them: its
+        // Wo and down products can then write the next norm's input (MatVec::with_norm_output)
+        // and the products after them scale by the 1 / rms, so that no norm dispatch remains.
+        let layer_f32_norm: Vec<bool> = (0..w.layers.len())
+            .map(|i| !prefill && !fuse_norm && !layer_q8[i] && MatVec::norm_scale_fits(c.hidden_size))
+            .collect();
+        // The previous layer's down product wrote this layer's normalised input (8-bit or f32).
         let mut norm_in = false;
         for (i, l) in w.layers.iter().enumerate() {
             // Attention block: x += Wo · attention(rope(Wq·n(x)), cache + rope(Wk·n(x)), Wv·n(x)),
@@ -520,12 +544,16 @@ impl Decoder {
             let ffn_q8 = q8.is_some() && k.mat(&l.down).q8.is_some() && MatVec::q8_output_fits(&l.gate);
             let o_norm = ffn_q8 && !merge_in_o && MatVec::q8_output_fits(&l.o);
             let down_norm = q8.is_some() && layer_q8.get(i + 1) == Some(&true) && MatVec::q8_output_fits(&l.down);
+            // The same for f32 vectors: Wo where no step merges the attention inside it.
+            let o_norm_f32 = layer_f32_norm[i] && !merge_in_o && MatVec::norm_output_fits(gpu, &l.o);
+            let down_norm_f32 =
+                layer_f32_norm[i] && layer_f32_norm.get(i + 1) == Some(&true) && MatVec::norm_output_fits(gpu, &l.down);
             if let Some([quant_norm, _, _]) = q8 {
                 if !norm_in {
                     let (bound, g) = quant_norm.bind(gpu, &b.x, Some(&l.attn_norm), None, &b.xq, 1, c.hidden_size)?;
                     push(&mut steps, "attn_norm", bound, fixed(g));
                 }
-            } else if !fuse_norm {
+            } else if !fuse_norm && !norm_in {
                 push(
                     &mut steps,
                     "attn_norm",
@@ -544,6 +572,8 @@ impl Decoder {
                     mq.mv_norm_scale.bind_into(gpu, m, &b.xq_norm, &b.qkv, out, 1)?
                 } else if let (Some(_), Some(mq)) = (q8, &mk.q8) {
                     mq.mv.bind_into(gpu, m, &b.xq, &b.qkv, out, 1)?
+                } else if norm_in {
+                    mk.mv_norm_scale.bind_into(gpu, m, &b.xn_norm, &b.qkv, out, 1)?
                 } else if fuse_norm {
                     mk.mv_norm.bind_norm_into(gpu, m, &b.x, &l.attn_norm, &b.qkv, out, 1)?
                 } else {
@@ -635,6 +665,13 @@ impl Decoder {
                         push(&mut steps, "o", bound, unless_in_o(g));
                     }
                 }
+                None if o_norm_f32 => {
+                    let list =
+                        k.mat(&l.o).mv_add_norm.bind_add_norm(gpu, &l.o, &b.attn, &b.x, &l.ffn_norm, &b.xn_norm, 1)?;
+                    for (bound, g) in list {
+                        push(&mut steps, "o", bound, fixed(g));
+                    }
+                }
                 None if merge_in_o => {
                     for (bound, g) in k.mat(&l.o).mv_add.bind(gpu, &l.o, &b.attn, 0, &b.x, 1)? {
                         push(&mut steps, "o", bound, unless_in_o(g));
@@ -651,7 +688,7 @@ impl Decoder {
                     let (bound, g) = quant_norm.bind(gpu, &b.x, Some(&l.ffn_norm), None, &b.xq, 1, c.hidden_size)?;
                     push(&mut steps, "ffn_norm", bound, fixed(g));
                 }
-            } else if !fuse_norm {
+            } else if !fuse_norm && !o_norm_f32 {
                 push(
                     &mut steps,
                     "ffn_norm",
@@ -676,6 +713,9 @@ impl Decoder {
                     mk.q8.as_ref().unwrap().mv_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xq, 0, &b.ffn, 1)?
                 }
                 (true, _) => mk.mm_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, rows as usize)?,
+                _ if o_norm_f32 => {
+                    mk.mv_swiglu_norm_scale.bind_swiglu(gpu, &l.gate, &l.up, &b.xn_norm, 0, &b.ffn, 1)?
+                }
                 (false, true) => {
                     mk.mv_norm_swiglu.bind_norm_swiglu(gpu, &l.gate, &l.up, &b.x, &l.ffn_norm, &b.ffn, 1)?
                 }
@@ -703,6 +743,14 @@ impl Decoder {
                     push(&mut steps, "down", bound, fixed(g));
                 }
                 norm_in = down_norm;
+            } else if down_norm_f32 {
+                let next = &w.layers[i + 1].attn_norm;
+                for (bound, g) in
+                    k.mat(&l.down).mv_add_norm.bind_add_norm(gpu, &l.down, &b.ffn, &b.x, next, &b.xn_norm, 1)?
+                {
+                    push(&mut steps, "down", bound, fixed(g));
+                }
+                norm_in = true;
             } else {
                 matmul(&mut steps, "down", &l.down, &b.ffn, &b.x, true)?;
             }

@@ -39,6 +39,11 @@
 // NSCALE (XQ8): x is such a vector; the workgroup sums the blocks' squares into 1 / rms and
 // scales its dot products by it (the products are linear in the scales). The pair replaces
 // the RMSNorm dispatch in front of QKV and gate/up.
+// FNORM (ADD, f32 vectors): the same for products whose vectors stay f32 (f16 weights): x +=
+// W a, then the new x times gq and, per workgroup, the sum of squares of its rows of x, all
+// after one another in xn_out (f32_norm_stride).
+// FSCALE (XVEC): x is such a vector; the workgroup sums the NORM_PARTS sums into 1 / rms and
+// scales its dot products by it, as NSCALE does.
 // XG: the main loop reads x from workgroup memory (xg), filled by NORM or MERGE.
 // Bindings and parameters: products.wgsl; the norm weight or the merge's step state follows
 // them.
@@ -123,6 +128,24 @@ override EPS_BITS: u32 = 0u;
 fn q8_norm_stride(k: u32) -> u32 {
     return q8_words(k) + (k / 32u + 3u) / 4u * 4u;
 }
+#endif
+#if F32NORM
+// Floats per vector of FNORM's output: the k values of x * g, then `parts` sums of squares,
+// padded to whole vec4s.
+fn f32_norm_stride(k: u32, parts: u32) -> u32 {
+    return k + (parts + 3u) / 4u * 4u;
+}
+#endif
+#if FNORM
+@group(0) @binding(4) var<storage, read> gq: array<f32>;
+@group(0) @binding(5) var<storage, read_write> xn_out: array<f32>;
+// Each segment's sum of squares of its rows (segments have at least 4 invocations).
+var<workgroup> seg_sq: array<f32, 256>;
+#endif
+#if FSCALE
+// The norm's epsilon as f32 bits, and the sums of squares per vector (FNORM's workgroups).
+override EPS_BITS: u32 = 0u;
+override NORM_PARTS: u32 = 1u;
 #endif
 #if MERGE
 @group(0) @binding(4) var<storage, read> state: array<u32>;
@@ -236,6 +259,11 @@ fn main(
     // This invocation's weight of the next norm (its row in the block), loaded early.
     let g_row = gq[p.row_start + wid.y * 32u + lid % 32u];
 #endif
+#if FNORM
+    // The next norm's weights of this segment's rows, loaded early.
+    var g_rows = vec4<f32>(0.0);
+    for (var r = 0u; r < R; r++) { g_rows[r] = gq[p.row_start + min(row0 + r, p.rows - 1u)]; }
+#endif
 #if NORM
     // 1 / rms of this vector; every invocation sums the 64 partial sums (broadcast reads).
     var ss = 0.0;
@@ -331,7 +359,17 @@ fn main(
 #if SWIGLU
     var accu = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
 #endif
+#if FSCALE
+    let xb = v * f32_norm_stride(p.k, NORM_PARTS) / 4u;
+    // The sums of squares, loaded before the products so that they arrive meanwhile.
+    var ss = 0.0;
+    for (var i = lid; i * 4u < NORM_PARTS; i += WG) {
+        let j = vec4<u32>(0u, 1u, 2u, 3u) + i * 4u;
+        ss += dot(select(vec4<f32>(0.0), x[xb + p.k / 4u + i], j < vec4<u32>(NORM_PARTS)), vec4<f32>(1.0));
+    }
+#else
     let xb = (p.x_off + v * p.k) / 4u;
+#endif
     let nb = p.k / 32u;
     let fold = w_fold();
     // Rows past the matrix (in the last workgroup) repeat its last row, and their sums are
@@ -385,7 +423,11 @@ fn main(
 #if NSCALE
     let scale = inverseSqrt(wg_sum(ss, lid, WG, sgs, sgl) / f32(p.k) + bitcast<f32>(EPS_BITS));
 #else
+#if FSCALE
+    let scale = inverseSqrt(wg_sum(ss, lid, WG, sgs, sgl) / f32(p.k) + bitcast<f32>(EPS_BITS));
+#else
     let scale = 1.0;
+#endif
 #endif
 #endif
     let tot = segment_sum(acc_rows, lid, sgs) * scale;
@@ -437,6 +479,32 @@ fn main(
 #endif
     }
 #else
+#if FNORM
+    // x += W a for the workgroup's rows, x * gq, and their sum of squares after the vector
+    // (one per workgroup: chunks start at whole workgroups).
+    let rpg = (WG / TPR) * R;
+    let base = v * f32_norm_stride(p.n_total, (p.n_total + rpg - 1u) / rpg);
+    if (lane == 0u) {
+        var sq = 0.0;
+        for (var r = 0u; r < R; r++) {
+            let row = row0 + r;
+            if (row < p.rows) {
+                let o = v * p.n_total + p.row_start + row;
+                let nx = y[o] + tot[r];
+                y[o] = nx;
+                xn_out[base + p.row_start + row] = nx * g_rows[r];
+                sq += nx * nx;
+            }
+        }
+        seg_sq[lid / TPR] = sq;
+    }
+    workgroupBarrier();
+    if (lid == 0u) {
+        var t = 0.0;
+        for (var s = 0u; s < WG / TPR; s++) { t += seg_sq[s]; }
+        xn_out[base + p.n_total + p.row_start / rpg + wid.y] = t;
+    }
+#else
     if (lane == 0u) {
         for (var r = 0u; r < R; r++) {
             let row = row0 + r;
@@ -455,5 +523,6 @@ fn main(
             }
         }
     }
+#endif
 #endif
 }

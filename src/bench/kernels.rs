@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
 use crate::kernels::embedding::Embedding;
-use crate::kernels::matmul::q8_norm_words;
+use crate::kernels::matmul::{norm_output_floats, norm_output_parts, q8_norm_words};
 use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, OutRows};
 use crate::kernels::probe::{fma_flops, Probes, COPY_GROUPS};
 use crate::kernels::quantize::{q8_words, Q8Input, QuantizeQ8};
@@ -221,7 +221,18 @@ impl Bench<'_> {
                 let want_embed = name == "lm_head" && self.wanted("embedding");
                 let q8_name = format!("matvec_q8_{name}");
                 let want_q8 = self.wanted(&q8_name) && MatVec::takes_q8_input(dtype) && cols.is_multiple_of(32);
-                if !self.wanted(&mv_name) && !want_mm && !want_embed && !self.wanted("matvec_norm") && !want_q8 {
+                let split_name = match name {
+                    "o" | "down" => format!("matvec_add_norm_{name}"),
+                    _ => format!("matvec_scaled_{name}"),
+                };
+                let want_split = name != "lm_head" && self.wanted(&split_name) && cols.is_multiple_of(32);
+                if !self.wanted(&mv_name)
+                    && !want_mm
+                    && !want_embed
+                    && !self.wanted("matvec_norm")
+                    && !want_q8
+                    && !want_split
+                {
                     continue;
                 }
                 let n_mats = if epi == Epilogue::SwiGlu { 2 } else { 1 };
@@ -252,6 +263,25 @@ impl Bench<'_> {
                     let s = self.time_sets(&mv_sets(&MatVec::new(gpu, dtype, epi)?)?)?;
                     let bytes = w_bytes as f64 + act(1);
                     on_row(&row(&mv_name, size(1), s, bytes, flops));
+                }
+                // The variants that replace decode's norm dispatches where vectors stay f32: Wo and
+                // down writing the next norm's input, Q/K/V and gate/up reading it.
+                if want_split {
+                    let sets = if matches!(name, "o" | "down") {
+                        let k = MatVec::with_norm_output(gpu, dtype)?;
+                        let g = gpu.upload("norm", &vec![1f32; rows])?;
+                        let floats = norm_output_floats(rows, norm_output_parts(gpu, rows));
+                        let xn = gpu.storage("xn_norm", floats as u64 * 4)?;
+                        pairs
+                            .iter()
+                            .map(|p| k.bind_add_norm(gpu, &p[0], &x, &y, &g, &xn, 1))
+                            .collect::<Result<Vec<_>>>()?
+                    } else {
+                        mv_sets(&MatVec::new(gpu, dtype, epi)?.with_norm_scale(1e-5)?)?
+                    };
+                    let s = self.time_sets(&sets)?;
+                    let extra = if matches!(name, "o" | "down") { rows * 8 } else { norm_output_parts(gpu, cols) * 4 };
+                    on_row(&row(&split_name, size(1), s, w_bytes as f64 + act(1) + extra as f64, flops));
                 }
                 // The decode product of the vector quantized to 8 bits (integer dot products;
                 // the quantization is its own row, quantize_q8).
@@ -524,6 +554,10 @@ mod tests {
             "matvec_q8_norm_o",
             "matvec_q8_norm_down",
             "matvec_q8_scaled_qkv",
+            "matvec_add_norm_o",
+            "matvec_add_norm_down",
+            "matvec_scaled_qkv",
+            "matvec_scaled_gate_up",
             "quantize_q8",
         ] {
             assert!(kernels.contains(&k), "{k} missing from {kernels:?}");

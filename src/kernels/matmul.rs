@@ -363,6 +363,35 @@ pub fn q8_norm_words(k: usize) -> usize {
     q8_words(k) + (k / 32).next_multiple_of(4)
 }
 
+/// Workgroup layout of [`MatVec::with_norm_output`] as (invocations, invocations per row,
+/// rows per segment): fixed per adapter, so that the number of sums of squares it writes
+/// (one per workgroup) depends on the row count alone ([`norm_output_parts`]). On GPUs four
+/// segments of 64 invocations and four rows: 16 rows and one sum per workgroup. Measured on
+/// an H100, 8B f16 decode (benches/RESULTS.md, round 10), GPU ms per token at 1K / 16K:
+/// 6.90 / 7.94 with the norm dispatches; 6.62 / 7.65 so; 6.72-6.76 / 7.75-7.78 at 8 rows or
+/// 32 (more sums for the products to add up, or fewer workgroups); 6.79 / 7.82 at 4 rows
+/// (the plain product's layout); 7.96 / 8.94 at 32 rows of one segment each.
+pub fn norm_output_layout(gpu: &Gpu) -> (usize, u32, usize) {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        (64, 16, 4)
+    } else {
+        (256, 64, 4)
+    }
+}
+
+/// Sums of squares per vector that [`MatVec::with_norm_output`] writes for `rows` rows in the
+/// adapter's layout: one per workgroup.
+pub fn norm_output_parts(gpu: &Gpu, rows: usize) -> usize {
+    let (wg, tpr, r) = norm_output_layout(gpu);
+    rows.div_ceil(wg / tpr as usize * r)
+}
+
+/// Floats per vector of [`MatVec::with_norm_output`]'s output for `k` rows and `parts` sums
+/// of squares: x * g, then the sums padded to whole vec4s (matvec.wgsl's f32_norm_stride).
+pub fn norm_output_floats(k: usize, parts: usize) -> usize {
+    k + parts.next_multiple_of(4)
+}
+
 /// The matvec key for workgroups of `wg` invocations (64 unless defined otherwise).
 fn with_wg(key: PipelineKey, wg: usize) -> PipelineKey {
     match wg {
@@ -423,6 +452,11 @@ pub struct MatVec {
     /// The Add product also writes the new vector for the next norm
     /// ([`MatVec::with_q8_norm_output`]).
     q8_norm_output: bool,
+    /// The same for f32 vectors, in this layout ([`MatVec::with_norm_output`]).
+    norm_output: Option<(usize, u32, usize)>,
+    /// Sums of squares the f32 vector of a norm-scaled product carries, instead of
+    /// [`norm_output_parts`] (tests of other producer layouts).
+    norm_parts: Option<usize>,
 }
 
 impl MatVec {
@@ -453,6 +487,8 @@ impl MatVec {
             q8_output: false,
             norm_scale: None,
             q8_norm_output: false,
+            norm_output: None,
+            norm_parts: None,
         }
     }
 
@@ -530,16 +566,72 @@ impl MatVec {
         Ok(k)
     }
 
-    /// A product of 8-bit vectors that [`MatVec::with_q8_norm_output`] wrote: x carries its
-    /// blocks' sums of squares after it ([`q8_norm_words`]), and the products are scaled by
-    /// `1 / sqrt(mean(x^2) + eps)`, which makes them products of the RMS-normalised vector.
-    /// Its workgroups take at most 256 invocations.
+    /// A product of a vector that [`MatVec::with_q8_norm_output`] (8-bit vectors) or
+    /// [`MatVec::with_norm_output`] (f32 vectors, Store or SwiGLU) wrote: x carries sums of
+    /// squares after it ([`q8_norm_words`], [`norm_output_floats`]), and the products are
+    /// scaled by `1 / sqrt(mean(x^2) + eps)`, which makes them products of the RMS-normalised
+    /// vector. Its workgroups take at most 256 invocations; f32 vectors take the fast path
+    /// (a multiple of 32 columns from offset 0).
     pub fn with_norm_scale(mut self, eps: f32) -> Result<MatVec> {
-        if !self.q8_input || self.workgroup.is_some_and(|w| w > 256) {
-            return Err(Error::InvalidArgument("a norm scale needs 8-bit vectors and at most 256 invocations".into()));
+        let plain_f32 = self.norm_eps.is_none() && self.merge.is_none() && self.epilogue != Epilogue::Add;
+        if !(self.q8_input || plain_f32) || self.workgroup.is_some_and(|w| w > 256) {
+            return Err(Error::InvalidArgument(
+                "a norm scale needs 8-bit vectors or a plain f32 Store/SwiGLU product, at most 256 invocations".into(),
+            ));
         }
         self.norm_scale = Some(eps);
         Ok(self)
+    }
+
+    /// `y += W x` of f32 vectors (a layer's Wo or down product) that also writes the new y
+    /// times the next RMSNorm's weight `g`, and one sum of squares of y per workgroup, for a
+    /// product [`MatVec::with_norm_scale`] ([`norm_output_floats`] per vector): the norm
+    /// dispatch in front of the next products goes. Binds through
+    /// [`MatVec::bind_add_norm`]; workgroups as [`norm_output_layout`] says.
+    pub fn with_norm_output(gpu: &Gpu, dtype: DType) -> Result<MatVec> {
+        Ok(MatVec { norm_output: Some(norm_output_layout(gpu)), ..Self::plain(dtype, Epilogue::Add) })
+    }
+
+    /// Another workgroup layout for [`MatVec::with_norm_output`] (tests): `wg` invocations of
+    /// 64 to 1024, `tpr` per row (a power of two from 4 to wg), `r` rows per segment.
+    pub fn with_norm_layout(mut self, wg: usize, tpr: u32, r: usize) -> Result<MatVec> {
+        let ok = [64, 128, 256, 512, 1024].contains(&wg)
+            && tpr.is_power_of_two()
+            && (4..=wg as u32).contains(&tpr)
+            && [1, 2, 4].contains(&r);
+        if self.norm_output.is_none() || !ok {
+            return Err(Error::InvalidArgument(format!("norm output layout ({wg}, {tpr}, {r})")));
+        }
+        self.norm_output = Some((wg, tpr, r));
+        Ok(self)
+    }
+
+    /// Sums of squares per vector this [`MatVec::with_norm_output`] kernel writes for `rows`.
+    pub fn norm_output_parts(&self, rows: usize) -> Option<usize> {
+        self.norm_output.map(|(wg, tpr, r)| rows.div_ceil(wg / tpr as usize * r))
+    }
+
+    /// The sums of squares a norm-scaled f32 product reads per vector, where its producer's
+    /// layout is not the adapter's (tests).
+    pub fn with_norm_parts(mut self, parts: usize) -> Result<MatVec> {
+        if self.q8_input || self.norm_scale.is_none() || parts == 0 {
+            return Err(Error::InvalidArgument("norm parts need an f32 product with_norm_scale".into()));
+        }
+        self.norm_parts = Some(parts);
+        Ok(self)
+    }
+
+    /// Whether [`MatVec::with_norm_output`], in the adapter's layout, takes the rows of `w`:
+    /// every chunk starts at a whole workgroup's rows.
+    pub fn norm_output_fits(gpu: &Gpu, w: &GpuMatrix) -> bool {
+        let (wg, tpr, r) = norm_output_layout(gpu);
+        w.chunks.iter().all(|c| c.row_start.is_multiple_of(wg / tpr as usize * r))
+    }
+
+    /// Whether f32 products of `cols` columns take a vector [`MatVec::with_norm_output`]
+    /// wrote (the fast path reads it).
+    pub fn norm_scale_fits(cols: usize) -> bool {
+        cols.is_multiple_of(32)
     }
 
     /// `y += W x` of 8-bit vectors (a layer's Wo or down product) that also writes the new y,
@@ -620,6 +712,13 @@ impl MatVec {
             }
         } else if fast {
             key = key.define("XVEC");
+            if let Some(eps) = self.norm_scale {
+                key = key.define("FSCALE").define("F32NORM").constant("EPS_BITS", eps.to_bits());
+                key.sources.insert(0, super::REDUCE_WGSL);
+            }
+        }
+        if self.norm_output.is_some() {
+            key = key.define("FNORM").define("F32NORM");
         }
         if let Some(eps) = self.norm_eps {
             key = key.define("NORM").define("XG").constant("EPS_BITS", eps.to_bits());
@@ -744,11 +843,11 @@ impl MatVec {
         y_out: OutRows,
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
-        let x_words = self.q8_input.then(|| self.x_words(mats[0].cols));
+        let x_words = self.x_words(gpu, mats[0].cols);
         check_operands("matvec", self.dtype, mats, x, x_offset, y, y_out, n, x_words, self.q8_output)?;
-        if self.q8_input && (!mats[0].cols.is_multiple_of(32) || x_offset != 0) {
+        if x_words.is_some() && (!mats[0].cols.is_multiple_of(32) || x_offset != 0) {
             return Err(Error::InvalidArgument(format!(
-                "a matvec of 8-bit vectors takes a multiple of 32 columns from offset 0, not {} from {x_offset}",
+                "a matvec of 8-bit or norm-scaled vectors takes a multiple of 32 columns from offset 0, not {} from {x_offset}",
                 mats[0].cols
             )));
         }
@@ -760,9 +859,10 @@ impl MatVec {
             (false, _) => Self::check_norm(self.norm_eps.is_some(), norm, mats[0].cols)?,
         }
         let w = mats[0];
-        if self.q8_norm_output {
+        if self.q8_norm_output || self.norm_output.is_some() {
             return Err(Error::InvalidArgument(
-                "a matvec built with_q8_norm_output binds through bind_add_norm_q8".into(),
+                "a matvec built with_q8_norm_output or with_norm_output binds through bind_add_norm_q8 / bind_add_norm"
+                    .into(),
             ));
         }
         if self.q8_output {
@@ -778,7 +878,11 @@ impl MatVec {
         let segments = wg / tpr as usize;
         let largest = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0);
         let r = self.rows_per_segment.unwrap_or_else(|| matvec_rows(gpu, largest, segments));
-        let pipeline = gpu.pipeline(&with_wg(self.key(gpu, fast, tpr).constant("R", r as u32), wg))?;
+        let mut key = self.key(gpu, fast, tpr).constant("R", r as u32);
+        if let (false, Some(_)) = (self.q8_input, self.norm_scale) {
+            key = key.constant("NORM_PARTS", u32_of("norm parts", self.norm_parts(gpu, w.cols))?);
+        }
+        let pipeline = gpu.pipeline(&with_wg(key, wg))?;
         let rows_per_group = r * segments;
         if largest.div_ceil(rows_per_group) > 65535 {
             return Err(Error::InvalidArgument(format!(
@@ -838,7 +942,7 @@ impl MatVec {
         if !self.q8_norm_output {
             return Err(Error::InvalidArgument("bind_add_norm_q8 needs a matvec built with_q8_norm_output".into()));
         }
-        check_operands("matvec", self.dtype, &[w], x, 0, y, OutRows::whole(w), n, Some(self.x_words(w.cols)), false)?;
+        check_operands("matvec", self.dtype, &[w], x, 0, y, OutRows::whole(w), n, self.x_words(gpu, w.cols), false)?;
         if g.size < w.rows as u64 * 4 {
             return Err(Error::InvalidArgument(format!("norm weight of {} bytes for {} rows", g.size, w.rows)));
         }
@@ -865,13 +969,61 @@ impl MatVec {
         (wg, self.rows_per_segment.unwrap_or(if one_row { 1 } else { 4 }))
     }
 
-    /// Words per vector of this kernel's 8-bit x of `cols` values.
-    fn x_words(&self, cols: usize) -> usize {
-        if self.norm_scale.is_some() {
-            q8_norm_words(cols)
-        } else {
-            q8_words(cols)
+    /// Words per vector of this kernel's x of `cols` values where it is not plain f32: 8-bit
+    /// blocks, or f32 values with sums of squares after them.
+    fn x_words(&self, gpu: &Gpu, cols: usize) -> Option<usize> {
+        match (self.q8_input, self.norm_scale) {
+            (true, Some(_)) => Some(q8_norm_words(cols)),
+            (true, None) => Some(q8_words(cols)),
+            (false, Some(_)) => Some(norm_output_floats(cols, self.norm_parts(gpu, cols))),
+            (false, None) => None,
         }
+    }
+
+    /// Sums of squares after a norm-scaled f32 vector of `cols` values.
+    fn norm_parts(&self, gpu: &Gpu, cols: usize) -> usize {
+        self.norm_parts.unwrap_or_else(|| norm_output_parts(gpu, cols))
+    }
+
+    /// Binds `y += W x` for a kernel built [`MatVec::with_norm_output`]: `g` is the next
+    /// RMSNorm's weight (one per row of W), `xn_out` receives [`norm_output_floats`] of W's
+    /// rows per vector.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_add_norm(
+        &self,
+        gpu: &Gpu,
+        w: &GpuMatrix,
+        x: &GpuBuffer,
+        y: &GpuBuffer,
+        g: &GpuBuffer,
+        xn_out: &GpuBuffer,
+        n: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        let (Some((wg, tpr, r)), Some(parts)) = (self.norm_output, self.norm_output_parts(w.rows)) else {
+            return Err(Error::InvalidArgument("bind_add_norm needs a matvec built with_norm_output".into()));
+        };
+        check_operands("matvec", self.dtype, &[w], x, 0, y, OutRows::whole(w), n, None, false)?;
+        if g.size < w.rows as u64 * 4 {
+            return Err(Error::InvalidArgument(format!("norm weight of {} bytes for {} rows", g.size, w.rows)));
+        }
+        let need = n as u64 * norm_output_floats(w.rows, parts) as u64 * 4;
+        if xn_out.size < need {
+            return Err(Error::InvalidArgument(format!("norm output of {} bytes, need {need}", xn_out.size)));
+        }
+        let rows_per_group = wg / tpr as usize * r;
+        if w.chunks.iter().any(|c| !c.row_start.is_multiple_of(rows_per_group)) || parts > 65535 {
+            return Err(Error::InvalidArgument(format!(
+                "a norm output of {} rows in {} chunks at {rows_per_group} rows per workgroup",
+                w.rows,
+                w.chunks.len()
+            )));
+        }
+        let fast = w.cols.is_multiple_of(32);
+        let key = with_wg(self.key(gpu, fast, tpr).constant("R", r as u32), wg);
+        let pipeline = gpu.pipeline(&key)?;
+        Ok(bind_chunks(gpu, "matvec", &pipeline, &[w], x, 0, &[g, xn_out], y, OutRows::whole(w), n, |rows| {
+            [n as u32, rows.div_ceil(rows_per_group) as u32, 1]
+        }))
     }
 
     /// Changes the vector count of bound dispatches to `n` (at most the count they were bound
@@ -1503,6 +1655,128 @@ pub(crate) mod tests {
         assert!(MatVec::with_q8_input(gpu, DType::F16, Epilogue::Store).is_err());
     }
 
+    /// The f32 Add product that writes the next norm's input ([`MatVec::with_norm_output`])
+    /// and the products that read it ([`MatVec::with_norm_scale`]) against the CPU: y += W x
+    /// as the plain Add product; then y * g and one sum of squares of y per workgroup; the
+    /// reading products (Store, SwiGLU) equal the CPU products of y * g / rms(y).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_output_case(
+        gpu: &Gpu,
+        dtype: DType,
+        n: usize,
+        k: usize,
+        n2: usize,
+        t: usize,
+        layout: Option<(usize, u32, usize)>,
+        seed: u64,
+    ) {
+        let eps = 1e-5f32;
+        let mut rng = Rng::new(seed);
+        let (wq, wd) = weights(dtype, n, k, &mut rng);
+        let x = rng.vec(t * k, 1.0);
+        let y0 = rng.vec(t * n, 2.0);
+        let g: Vec<f32> = rng.vec(n, 1.0).iter().map(|v| 0.5 + v.abs()).collect();
+        let wm = GpuMatrix::upload(gpu, "w", dtype, n, k, &wq).unwrap();
+        let (xb, yb, gb) = (gpu.upload("x", &x).unwrap(), gpu.upload("y", &y0).unwrap(), gpu.upload("g", &g).unwrap());
+        let mut kern = MatVec::with_norm_output(gpu, dtype).unwrap();
+        if let Some((wg, tpr, r)) = layout {
+            kern = kern.with_norm_layout(wg, tpr, r).unwrap();
+        }
+        let parts = kern.norm_output_parts(n).unwrap();
+        let (wg, tpr, r) = layout.unwrap_or_else(|| norm_output_layout(gpu));
+        let rows_per_part = wg / tpr as usize * r;
+        let stride = norm_output_floats(n, parts);
+        let nb = gpu.upload("xn_out", &vec![f32::NAN; t * stride]).unwrap();
+        let bound = kern.bind_add_norm(gpu, &wm, &xb, &yb, &gb, &nb, t).unwrap();
+        run_pass(gpu, |p| bound.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
+        let what = format!(
+            "norm-output matvec {} N={n} K={k} T={t} layout {:?} {:?}",
+            dtype.name(),
+            (wg, tpr, r),
+            gpu.flags()
+        );
+        let y: Vec<f32> = gpu.read(&yb, 0, t * n).unwrap();
+        let s: Vec<f64> = abs_scale(&wd, &x, n, k).iter().zip(&y0).map(|(s, y)| s + y.abs() as f64).collect();
+        check(&what, &y, &reference_add(&y0, &wd, &x, n, k), &s);
+        let got: Vec<f32> = gpu.read(&nb, 0, t * stride).unwrap();
+        let mut xn = vec![];
+        for v in 0..t {
+            let (yv, gv) = (&y[v * n..(v + 1) * n], &got[v * stride..]);
+            for i in 0..n {
+                assert_eq!(gv[i], yv[i] * g[i], "{what}: x * g at {i} of vector {v}");
+            }
+            for (pi, c) in yv.chunks(rows_per_part).enumerate() {
+                let want: f64 = c.iter().map(|&a| a as f64 * a as f64).sum();
+                let sq = gv[n + pi] as f64;
+                assert!((sq - want).abs() <= 1e-5 * want, "{what}: sum of squares {pi} {sq} vs {want}");
+            }
+            let ms = yv.iter().map(|&a| a as f64 * a as f64).sum::<f64>() / n as f64;
+            let rms = 1.0 / (ms + eps as f64).sqrt();
+            xn.extend(gv[..n].iter().map(|&a| (a as f64 * rms) as f32));
+        }
+        // The products of it: Q/K/V's kernel (Store) and gate/up's (SwiGLU).
+        let (w2q, w2d) = weights(dtype, n2, n, &mut rng);
+        let (u2q, u2d) = weights(dtype, n2, n, &mut rng);
+        let w2 = GpuMatrix::upload(gpu, "w2", dtype, n2, n, &w2q).unwrap();
+        let u2 = GpuMatrix::upload(gpu, "u2", dtype, n2, n, &u2q).unwrap();
+        let reader = |epi| {
+            let m = MatVec::new(gpu, dtype, epi).unwrap().with_norm_scale(eps).unwrap();
+            if layout.is_some() {
+                m.with_norm_parts(parts).unwrap()
+            } else {
+                m
+            }
+        };
+        let out = gpu.storage("out", (t * n2 * 4) as u64).unwrap();
+        let b2 = reader(Epilogue::Store).bind(gpu, &w2, &nb, 0, &out, t).unwrap();
+        run_pass(gpu, |p| b2.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
+        let got2: Vec<f32> = gpu.read(&out, 0, t * n2).unwrap();
+        check(&format!("{what} -> N={n2}"), &got2, &reference(&w2d, &xn, n2, n), &abs_scale(&w2d, &xn, n2, n));
+        let b3 = reader(Epilogue::SwiGlu).bind_swiglu(gpu, &w2, &u2, &nb, 0, &out, t).unwrap();
+        run_pass(gpu, |p| b3.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
+        let got3: Vec<f32> = gpu.read(&out, 0, t * n2).unwrap();
+        let (want, scale) = (reference_swiglu(&w2d, &u2d, &xn, n2, n), swiglu_scale(&w2d, &u2d, &xn, n2, n));
+        check(&format!("{what} -> swiglu N={n2}"), &got3, &want, &scale);
+    }
+
+    #[test]
+    fn matvec_norm_output() {
+        for gpu in variants() {
+            for (i, dtype) in DType::ALL.into_iter().enumerate() {
+                // A partial last workgroup (96 rows at 64 per workgroup), and columns for the
+                // element-wise path.
+                let k = if dtype.is_quantized() { 96 } else { 100 };
+                norm_output_case(gpu, dtype, 96, k, 33, 2, Some((64, 4, 4)), 70 + i as u64);
+                let layout = [None, Some((128, 32, 2)), Some((256, 16, 1)), Some((1024, 32, 1))][i % 4];
+                norm_output_case(gpu, dtype, 576, 576, 96, 1, layout, 80 + i as u64);
+            }
+        }
+        // Llama-3-8B's down product (4096 x 14336) into its Q/K/V rows, f16, once.
+        norm_output_case(&variants()[0], DType::F16, 4096, 14336, 6144, 1, None, 88);
+        let gpu = &variants()[0];
+        let k = MatVec::with_norm_output(gpu, DType::F16).unwrap();
+        let mut rng = Rng::new(3);
+        let (q, _) = weights(DType::F16, 40, 64, &mut rng);
+        let m = GpuMatrix::upload(gpu, "w", DType::F16, 40, 64, &q).unwrap();
+        let buf = |n| gpu.storage("b", n).unwrap();
+        let need = 4 * norm_output_floats(40, k.norm_output_parts(40).unwrap()) as u64;
+        // Plain bind is refused; a short norm weight or output.
+        assert!(k.bind(gpu, &m, &buf(1024), 0, &buf(1024), 1).is_err());
+        assert!(k.bind_add_norm(gpu, &m, &buf(1024), &buf(1024), &buf(156), &buf(need), 1).is_err());
+        assert!(k.bind_add_norm(gpu, &m, &buf(1024), &buf(1024), &buf(160), &buf(need - 4), 1).is_err());
+        assert!(k.bind_add_norm(gpu, &m, &buf(1024), &buf(1024), &buf(160), &buf(need), 1).is_ok());
+        // The reading product: its vector with the sums after it, the fast path only, and
+        // not for Add products or with a fused norm.
+        let s = MatVec::new(gpu, DType::F16, Epilogue::Store).unwrap().with_norm_scale(1e-5).unwrap();
+        let (q, _) = weights(DType::F16, 8, 64, &mut rng);
+        let m = GpuMatrix::upload(gpu, "w", DType::F16, 8, 64, &q).unwrap();
+        assert!(s.bind(gpu, &m, &buf(256), 0, &buf(1024), 1).is_err());
+        assert!(s.bind(gpu, &m, &buf(1024), 0, &buf(1024), 1).is_ok());
+        assert!(s.bind(gpu, &m, &buf(1024), 4, &buf(1024), 1).is_err());
+        assert!(MatVec::new(gpu, DType::F16, Epilogue::Add).unwrap().with_norm_scale(1e-5).is_err());
+        assert!(MatVec::with_norm(gpu, DType::F16, Epilogue::Store, 1e-5).unwrap().with_norm_scale(1e-5).is_err());
+    }
+
     fn quantize_words(k: usize) -> usize {
         crate::kernels::quantize::q8_words(k)
     }
@@ -1760,6 +2034,17 @@ pub(crate) mod tests {
                 }
             }
         }
+        // The norm output over chunks that start at whole workgroups (f16 rows of 168: 48 per
+        // 16 KiB), and refused where one starts inside a workgroup's rows (f32 rows of 96).
+        let w = GpuMatrix::upload(&gpu, "w", DType::F16, 96, 168, &vec![0u8; 336 * 96]).unwrap();
+        let starts: Vec<usize> = w.chunks.iter().map(|c| c.row_start).collect();
+        assert!(starts.len() >= 2 && MatVec::norm_output_fits(&gpu, &w), "{starts:?}");
+        norm_output_case(&gpu, DType::F16, 96, 168, 64, 1, None, 90);
+        let w = GpuMatrix::upload(&gpu, "w", DType::F32, 333, 96, &vec![0u8; 384 * 333]).unwrap();
+        assert!(!MatVec::norm_output_fits(&gpu, &w));
+        let buf = |n| gpu.storage("b", n).unwrap();
+        let k = MatVec::with_norm_output(&gpu, DType::F32).unwrap();
+        assert!(k.bind_add_norm(&gpu, &w, &buf(1 << 14), &buf(1 << 14), &buf(1 << 14), &buf(1 << 14), 1).is_err());
     }
 
     /// `set_rows` changes the token / vector count without rebinding.
