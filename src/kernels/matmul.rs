@@ -942,15 +942,32 @@ impl MatVec {
         if !self.q8_norm_output {
             return Err(Error::InvalidArgument("bind_add_norm_q8 needs a matvec built with_q8_norm_output".into()));
         }
+        self.check_add_norm(gpu, w, x, y, g, (xq_out, q8_norm_words(w.rows)), n)?;
+        self.bind_blocks(gpu, &[w], x, &[g, xq_out], y, OutRows::whole(w), n)
+    }
+
+    /// The operands of `y += W x` that also writes the next norm's input: `g` one weight per
+    /// row of W, `out` (buffer, words per vector) the output for `n` vectors.
+    #[allow(clippy::too_many_arguments)]
+    fn check_add_norm(
+        &self,
+        gpu: &Gpu,
+        w: &GpuMatrix,
+        x: &GpuBuffer,
+        y: &GpuBuffer,
+        g: &GpuBuffer,
+        out: (&GpuBuffer, usize),
+        n: usize,
+    ) -> Result<()> {
         check_operands("matvec", self.dtype, &[w], x, 0, y, OutRows::whole(w), n, self.x_words(gpu, w.cols), false)?;
         if g.size < w.rows as u64 * 4 {
             return Err(Error::InvalidArgument(format!("norm weight of {} bytes for {} rows", g.size, w.rows)));
         }
-        let need = n as u64 * q8_norm_words(w.rows) as u64 * 4;
-        if xq_out.size < need {
-            return Err(Error::InvalidArgument(format!("8-bit output of {} bytes, need {need}", xq_out.size)));
+        let need = n as u64 * out.1 as u64 * 4;
+        if out.0.size < need {
+            return Err(Error::InvalidArgument(format!("norm output of {} bytes, need {need}", out.0.size)));
         }
-        self.bind_blocks(gpu, &[w], x, &[g, xq_out], y, OutRows::whole(w), n)
+        Ok(())
     }
 
     /// Invocations and rows per segment of the kernels that write 32-row blocks: 32 / R
@@ -1002,14 +1019,7 @@ impl MatVec {
         let (Some((wg, tpr, r)), Some(parts)) = (self.norm_output, self.norm_output_parts(w.rows)) else {
             return Err(Error::InvalidArgument("bind_add_norm needs a matvec built with_norm_output".into()));
         };
-        check_operands("matvec", self.dtype, &[w], x, 0, y, OutRows::whole(w), n, None, false)?;
-        if g.size < w.rows as u64 * 4 {
-            return Err(Error::InvalidArgument(format!("norm weight of {} bytes for {} rows", g.size, w.rows)));
-        }
-        let need = n as u64 * norm_output_floats(w.rows, parts) as u64 * 4;
-        if xn_out.size < need {
-            return Err(Error::InvalidArgument(format!("norm output of {} bytes, need {need}", xn_out.size)));
-        }
+        self.check_add_norm(gpu, w, x, y, g, (xn_out, norm_output_floats(w.rows, parts)), n)?;
         let rows_per_group = wg / tpr as usize * r;
         if w.chunks.iter().any(|c| !c.row_start.is_multiple_of(rows_per_group)) || parts > 65535 {
             return Err(Error::InvalidArgument(format!(
