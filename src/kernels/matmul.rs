@@ -382,8 +382,12 @@ pub fn norm_output_layout(gpu: &Gpu) -> (usize, u32, usize) {
 /// Sums of squares per vector that [`MatVec::with_norm_output`] writes for `rows` rows in the
 /// adapter's layout: one per workgroup.
 pub fn norm_output_parts(gpu: &Gpu, rows: usize) -> usize {
-    let (wg, tpr, r) = norm_output_layout(gpu);
-    rows.div_ceil(wg / tpr as usize * r)
+    rows.div_ceil(layout_rows(norm_output_layout(gpu)))
+}
+
+/// Rows one workgroup of a (invocations, invocations per row, rows per segment) layout covers.
+fn layout_rows((wg, tpr, r): (usize, u32, usize)) -> usize {
+    wg / tpr as usize * r
 }
 
 /// Floats per vector of [`MatVec::with_norm_output`]'s output for `k` rows and `parts` sums
@@ -608,7 +612,7 @@ impl MatVec {
 
     /// Sums of squares per vector this [`MatVec::with_norm_output`] kernel writes for `rows`.
     pub fn norm_output_parts(&self, rows: usize) -> Option<usize> {
-        self.norm_output.map(|(wg, tpr, r)| rows.div_ceil(wg / tpr as usize * r))
+        self.norm_output.map(|layout| rows.div_ceil(layout_rows(layout)))
     }
 
     /// The sums of squares a norm-scaled f32 product reads per vector, where its producer's
@@ -624,8 +628,8 @@ impl MatVec {
     /// Whether [`MatVec::with_norm_output`], in the adapter's layout, takes the rows of `w`:
     /// every chunk starts at a whole workgroup's rows.
     pub fn norm_output_fits(gpu: &Gpu, w: &GpuMatrix) -> bool {
-        let (wg, tpr, r) = norm_output_layout(gpu);
-        w.chunks.iter().all(|c| c.row_start.is_multiple_of(wg / tpr as usize * r))
+        let rows = layout_rows(norm_output_layout(gpu));
+        w.chunks.iter().all(|c| c.row_start.is_multiple_of(rows))
     }
 
     /// Whether f32 products of `cols` columns take a vector [`MatVec::with_norm_output`]
@@ -1020,7 +1024,7 @@ impl MatVec {
             return Err(Error::InvalidArgument("bind_add_norm needs a matvec built with_norm_output".into()));
         };
         self.check_add_norm(gpu, w, x, y, g, (xn_out, norm_output_floats(w.rows, parts)), n)?;
-        let rows_per_group = wg / tpr as usize * r;
+        let rows_per_group = layout_rows((wg, tpr, r));
         if w.chunks.iter().any(|c| !c.row_start.is_multiple_of(rows_per_group)) || parts > 65535 {
             return Err(Error::InvalidArgument(format!(
                 "a norm output of {} rows in {} chunks at {rows_per_group} rows per workgroup",
@@ -1694,7 +1698,7 @@ pub(crate) mod tests {
         }
         let parts = kern.norm_output_parts(n).unwrap();
         let (wg, tpr, r) = layout.unwrap_or_else(|| norm_output_layout(gpu));
-        let rows_per_part = wg / tpr as usize * r;
+        let rows_per_part = layout_rows((wg, tpr, r));
         let stride = norm_output_floats(n, parts);
         let nb = gpu.upload("xn_out", &vec![f32::NAN; t * stride]).unwrap();
         let bound = kern.bind_add_norm(gpu, &wm, &xb, &yb, &gb, &nb, t).unwrap();
