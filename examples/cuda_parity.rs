@@ -340,8 +340,9 @@ fn attention(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result
     let theta = if sh.name.starts_with("llama3") { 500000f32 } else { 100000.0 };
     let inv_freq: Vec<f32> = (0..hd / 2).map(|i| theta.powf(-2.0 * i as f32 / hd as f32)).collect();
     let rope = gpu.upload("rope", &rope_table(&inv_freq, max_ctx))?;
-    // Both attention kernels (per query head; per head group, "_group") in both modes.
-    let modes = [("decode", 1usize), ("prefill", 64)];
+    // Both attention kernels (per query head; per head group, "_group") in each mode: decode
+    // (then the merge dispatch), decode merging its own splits, prefill.
+    let modes = [("decode", 1usize), ("merged", 1), ("prefill", 64)];
     let kinds = [(AttendKind::PerHead, ""), (AttendKind::Grouped, "_group")];
     for ((mode, n), (kind, suffix)) in modes.into_iter().flat_map(|m| kinds.map(|k| (m, k))) {
         let pos = max_ctx - n - 3;
@@ -357,7 +358,16 @@ fn attention(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result
         let state: GpuBuffer = gpu.upload("state", &[pos as u32, n as u32, 0, 0])?;
         // Decode runs the kernels that rotate and append the new key themselves; prefill
         // rope_kv first.
-        let attend = if n == 1 {
+        let merged = mode == "merged";
+        let arrivals = gpu.storage("arrivals", a.arrival_words() * 4)?;
+        let attend = if merged {
+            vec![(
+                k.bind_attend_merged(
+                    gpu, a, splits, &state, &rope, &qkvb, &kb, &vb, &part, &arrivals, &o, kind, false,
+                )?,
+                AttentionKernels::attend_groups(a, splits, 1, kind),
+            )]
+        } else if n == 1 {
             vec![(
                 k.bind_attend_new_kv(gpu, a, splits, &state, &rope, &qkvb, &kb, &vb, &part, kind),
                 AttentionKernels::attend_groups(a, splits, 1, kind),
@@ -375,7 +385,7 @@ fn attention(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result
             ]
         };
         let merge = (k.bind_merge(gpu, a, splits, &state, &part, &o), AttentionKernels::merge_groups(a, n as u32));
-        let list: Vec<_> = attend.into_iter().chain([merge]).collect();
+        let list: Vec<_> = attend.into_iter().chain((!merged).then_some(merge)).collect();
         run(gpu, &list)?;
         let case = format!("{}/attention_{mode}{suffix}", sh.name);
         let f16s = |v: &[f16]| bytemuck::cast_slice::<f16, u8>(v).to_vec();

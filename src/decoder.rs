@@ -262,6 +262,8 @@ pub struct Buffers {
     /// vectors stay f32 (MatVec::with_norm_output).
     pub xn_norm: GpuBuffer,
     pub part: GpuBuffer,
+    /// Arrival counts of decode attention that merges its own splits (zero between steps).
+    pub arrivals: GpuBuffer,
     pub last: GpuBuffer,
     pub logits: GpuBuffer,
     pub seen: GpuBuffer,
@@ -377,6 +379,7 @@ impl Buffers {
                 norm_output_floats(c.hidden_size, norm_output_parts(gpu, c.hidden_size)) as u64 * 4,
             )?,
             part: gpu.storage("partials", parts * f)?,
+            arrivals: gpu.storage("arrivals", sh.arrival_words() * 4)?,
             last: gpu.storage("last", hidden * f)?,
             logits: gpu.storage("logits", t * c.vocab_size as u64 * f)?,
             seen: gpu.storage("seen", (c.vocab_size as u64).div_ceil(32) * 4)?,
@@ -594,6 +597,21 @@ impl Decoder {
                     Box::new(move |s| AttentionKernels::rope_groups(sh, s.n)),
                 );
             }
+            // Decode steps over few splits merge them inside the Wo product instead (each of
+            // its workgroups merges all the partials: cheaper than a dispatch only while they
+            // are few); the merge dispatch and the plain product skip those steps.
+            let in_o =
+                move |s: Step| merge_in_o && AttentionKernels::used_splits(splits, s.keys) <= MatVec::MERGE_SPLITS;
+            // Other decode steps over few splits merge inside attention: the last workgroup
+            // of each head merges its splits (AttentionKernels::merges_in_attention).
+            let merged_attn = !prefill && AttentionKernels::merged_fits(gpu);
+            let merged =
+                move |s: Step| merged_attn && !in_o(s) && AttentionKernels::merges_in_attention(sh, splits, s.keys);
+            // With 8-bit vectors the merge writes its output quantized for the integer-dot Wo
+            // product (heads of a multiple of 32 values; else a quantize dispatch follows).
+            let o_q8 = q8.and_then(|[_, _, quant]| k.mat(&l.o).q8.as_ref().map(|mq| (quant, mq)));
+            let merge_q8 = o_q8.is_some() && sh.head_dim.is_multiple_of(32);
+            let merge_out = if merge_q8 { &b.xq } else { &b.attn };
             // Prefill uses one attention kernel; decode both, each recorded only for the
             // steps whose key count it suits (AttentionKernels::decode_kind).
             let kinds = if prefill {
@@ -605,33 +623,46 @@ impl Decoder {
             };
             for kind in kinds {
                 let (kc, vc) = (&b.k_cache[i], &b.v_cache[i]);
-                let bound = if prefill {
-                    k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, kc, vc, &b.part, kind)
-                } else {
-                    k.attn.bind_attend_new_kv(gpu, sh, splits, &b.state, &b.rope, &b.qkv, kc, vc, &b.part, kind)
+                if prefill {
+                    let bound = k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, kc, vc, &b.part, kind);
+                    push(
+                        &mut steps,
+                        "attend",
+                        bound,
+                        Box::new(move |s| AttentionKernels::attend_groups(sh, splits, s.n, kind)),
+                    );
+                    continue;
+                }
+                let when = move |s: Step, merging: bool| {
+                    if AttentionKernels::decode_kind(sh, splits, s.keys) == kind && merged(s) == merging {
+                        AttentionKernels::attend_groups(sh, splits, s.n, kind)
+                    } else {
+                        [0, 0, 0]
+                    }
                 };
-                let groups: GroupsFn = if prefill {
-                    Box::new(move |s| AttentionKernels::attend_groups(sh, splits, s.n, kind))
-                } else {
-                    Box::new(move |s| {
-                        if AttentionKernels::decode_kind(sh, splits, s.keys) == kind {
-                            AttentionKernels::attend_groups(sh, splits, s.n, kind)
-                        } else {
-                            [0, 0, 0]
-                        }
-                    })
-                };
-                push(&mut steps, "attend", bound, groups);
+                let bound =
+                    k.attn.bind_attend_new_kv(gpu, sh, splits, &b.state, &b.rope, &b.qkv, kc, vc, &b.part, kind);
+                push(&mut steps, "attend", bound, Box::new(move |s| when(s, false)));
+                if merged_attn {
+                    let (rope, qkv, part) = (&b.rope, &b.qkv, &b.part);
+                    let bound = k.attn.bind_attend_merged(
+                        gpu,
+                        sh,
+                        splits,
+                        &b.state,
+                        rope,
+                        qkv,
+                        kc,
+                        vc,
+                        part,
+                        &b.arrivals,
+                        merge_out,
+                        kind,
+                        merge_q8,
+                    )?;
+                    push(&mut steps, "attend", bound, Box::new(move |s| when(s, true)));
+                }
             }
-            // Decode steps over few splits merge them inside the Wo product instead (each of
-            // its workgroups merges all the partials: cheaper than a dispatch only while they
-            // are few); the merge dispatch and the plain product skip those steps.
-            let in_o =
-                move |s: Step| merge_in_o && AttentionKernels::used_splits(splits, s.keys) <= MatVec::MERGE_SPLITS;
-            // With 8-bit vectors the merge writes its output quantized for the integer-dot Wo
-            // product (heads of a multiple of 32 values; else a quantize dispatch follows).
-            let o_q8 = q8.and_then(|[_, _, quant]| k.mat(&l.o).q8.as_ref().map(|mq| (quant, mq)));
-            let merge_q8 = o_q8.is_some() && sh.head_dim.is_multiple_of(32);
             let merge = if merge_q8 {
                 k.attn.bind_merge_q8(gpu, sh, splits, 1, &b.state, &b.part, &b.xq)?
             } else {
@@ -642,7 +673,9 @@ impl Decoder {
                 &mut steps,
                 "merge",
                 merge,
-                Box::new(move |s| if in_o(s) { [0, 0, 0] } else { AttentionKernels::merge_groups(sh, s.n) }),
+                Box::new(
+                    move |s| if in_o(s) || merged(s) { [0, 0, 0] } else { AttentionKernels::merge_groups(sh, s.n) },
+                ),
             );
             if merge_in_o {
                 let mv = MatVec::with_merge(gpu, l.o.dtype, merge_input)?;

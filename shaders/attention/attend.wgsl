@@ -3,9 +3,10 @@
 // Workgroup (head h, split s, query t): the query at position pos = state[0] + t attends keys
 // 0..=pos; split s takes its share of them. It returns the partial (m, l, o): the running max
 // of the scores, the softmax denominator relative to m, and the unnormalised output. Partials
-// of disjoint key sets merge exactly (attn_merge.wgsl), which is what lets every KV policy be
-// "produce partials, merge". Decode uses many splits (flash-decoding); prefill few. Splits
-// past the number of key tiles return at once and write nothing.
+// of disjoint key sets merge exactly (attn_merge.wgsl, or attend_merge.wgsl inside decode's
+// kernel), which is what lets every KV policy be "produce partials, merge". Decode uses many
+// splits (flash-decoding); prefill few. Splits past the number of key tiles return at once
+// and write nothing.
 //
 // 64 invocations. Scores: four invocations per key, 16 keys at a time, each invocation
 // dotting every fourth 4-element word of the key: neighbouring invocations read neighbouring
@@ -136,10 +137,13 @@ fn main(
     if (lid < hd4) {
         var sum = vec4<f32>(0.0);
         for (var g = 0u; g < n_kg; g++) { sum += o_sh[g * hd4 + lid]; }
-        for (var e = 0u; e < 4u; e++) { part[out + lid * 4u + e] = sum[e]; }
+        for (var e = 0u; e < 4u; e++) { put_part(out + lid * 4u + e, sum[e]); }
     }
     if (lid == 0u) {
-        part[out + p.hd] = m;
-        part[out + p.hd + 1u] = l;
+        put_part(out + p.hd, m);
+        put_part(out + p.hd + 1u, l);
     }
+#if MERGE_LAST
+    merge_if_last(t, h, 1u, lid, sgs, sgl);
+#endif
 }

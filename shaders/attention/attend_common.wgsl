@@ -9,13 +9,30 @@ struct Params {
     max_ctx: u32,
     n_splits: u32,
     scale: f32,
+    // Words per query of the 8-bit merged output (MERGE_LAST with Q8_OUT).
+    q8_stride: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 // state[0]: position of the step's first token, state[1]: tokens in the step.
 @group(0) @binding(1) var<storage, read> state: array<u32>;
 // [t][h][s][hd + 2]: o[0..hd], m, l
+#if MERGE_LAST
+// Atomic words (f32 bits), for attend_merge.wgsl: the last workgroup of a head reads partials
+// that other workgroups wrote in the same dispatch, and atomic accesses are coherent across
+// the device by definition, where plain ones may be served by a per-core cache.
+@group(0) @binding(5) var<storage, read_write> part: array<atomic<u32>>;
+
+fn put_part(i: u32, v: f32) {
+    atomicStore(&part[i], bitcast<u32>(v));
+}
+#else
 @group(0) @binding(5) var<storage, read_write> part: array<f32>;
+
+fn put_part(i: u32, v: f32) {
+    part[i] = v;
+}
+#endif
 #if NEW_KV
 // Decode with the rotary embedding and the cache append fused in (no rope_kv dispatch): the
 // step's one token arrives as the QKV product's row [q heads | k heads | v heads]. Every

@@ -158,14 +158,17 @@ fn main(
             var sum = vec4<f32>(0.0);
             for (var g = 0u; g < n_kg; g++) { sum += s_sh[i * 64u + g * hd4 + lid]; }
             let out = ((t * p.n_heads + h0 + i) * p.n_splits + s) * (p.hd + 2u);
-            for (var e = 0u; e < 4u; e++) { part[out + lid * 4u + e] = sum[e]; }
+            for (var e = 0u; e < 4u; e++) { put_part(out + lid * 4u + e, sum[e]); }
         }
     }
     if (lid == 0u) {
         for (var i = 0u; i < nh; i++) {
             let out = ((t * p.n_heads + h0 + i) * p.n_splits + s) * (p.hd + 2u);
-            part[out + p.hd] = m[i];
-            part[out + p.hd + 1u] = l[i];
+            put_part(out + p.hd, m[i]);
+            put_part(out + p.hd + 1u, l[i]);
         }
     }
+#if MERGE_LAST
+    merge_if_last(t, h0, nh, lid, sgs, sgl);
+#endif
 }

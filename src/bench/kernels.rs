@@ -421,6 +421,35 @@ impl Bench<'_> {
                 let used = if AttentionKernels::decode_kind(a, splits, ctx) == kind { " (used)" } else { "" };
                 on_row(&row(&name, format!("ctx={ctx} splits={splits}{used}"), s, cache_read, flops));
             }
+            // The decode kernel that merges its splits itself (no attn_merge dispatch after it).
+            if AttentionKernels::merged_fits(gpu) {
+                let arrivals = gpu.storage("arrivals", a.arrival_words() * 4)?;
+                for (kind, suffix) in kinds {
+                    let name = format!("attend_merged{suffix}");
+                    if !self.wanted(&name) {
+                        continue;
+                    }
+                    let b = k.bind_attend_merged(
+                        gpu,
+                        a,
+                        splits,
+                        &decode_state,
+                        &rope,
+                        &qkv,
+                        &kc,
+                        &vc,
+                        &part,
+                        &arrivals,
+                        &out,
+                        kind,
+                        false,
+                    )?;
+                    let s = self.time_sets(&[vec![(b, AttentionKernels::attend_groups(a, splits, 1, kind))]])?;
+                    let flops = 4.0 * (nh * hd * ctx) as f64;
+                    let used = if AttentionKernels::decode_kind(a, splits, ctx) == kind { " (used)" } else { "" };
+                    on_row(&row(&name, format!("ctx={ctx} splits={splits}{used}"), s, cache_read, flops));
+                }
+            }
             if self.wanted("attn_merge") {
                 let b = k.bind_merge(gpu, a, splits, &decode_state, &part, &out);
                 let s = self.time_sets(&[vec![(b, AttentionKernels::merge_groups(a, 1))]])?;
@@ -544,6 +573,7 @@ mod tests {
             "embedding",
             "rope_kv",
             "attend_decode",
+            "attend_merged",
             "attn_merge",
             "attend_prefill",
             "rms_norm",

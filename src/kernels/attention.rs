@@ -16,6 +16,7 @@ const ATTEND_COMMON_WGSL: &str = include_str!("../../shaders/attention/attend_co
 const ATTEND_WGSL: &str = include_str!("../../shaders/attention/attend.wgsl");
 const ATTEND_GROUP_WGSL: &str = include_str!("../../shaders/attention/attend_group.wgsl");
 const MERGE_WGSL: &str = include_str!("../../shaders/attention/attn_merge.wgsl");
+const ATTEND_MERGE_WGSL: &str = include_str!("../../shaders/attention/attend_merge.wgsl");
 
 /// Head shapes shared by the attention kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,10 @@ impl AttnShape {
     /// Bytes of one layer's key (or value) cache.
     pub fn cache_bytes(&self) -> u64 {
         self.n_kv as u64 * self.max_ctx as u64 * self.head_dim as u64 * 2
+    }
+    /// Words of the arrival counts of merged decode attention (one per query head).
+    pub fn arrival_words(&self) -> u64 {
+        self.n_heads as u64
     }
     /// Floats of the partials buffer for `n` queries and `splits` splits.
     pub fn partial_floats(&self, n: u32, splits: u32) -> u64 {
@@ -68,7 +73,9 @@ struct AttendParams {
     max_ctx: u32,
     n_splits: u32,
     scale: f32,
-    _pad: [u32; 2],
+    /// Words per query of the 8-bit merged output (attend_merge.wgsl).
+    q8_stride: u32,
+    _pad: u32,
 }
 
 impl AttendParams {
@@ -80,7 +87,8 @@ impl AttendParams {
             max_ctx: sh.max_ctx,
             n_splits: splits,
             scale: 1.0 / (sh.head_dim as f32).sqrt(),
-            _pad: [0; 2],
+            q8_stride: 0,
+            _pad: 0,
         }
     }
 }
@@ -202,19 +210,18 @@ impl AttentionKernels {
             AttendKind::PerHead => &self.attend,
             AttendKind::Grouped => &self.attend_group,
         };
-        Self::bind_attend_params(gpu, pipeline, sh, splits, &[state, q, k_cache, v_cache, part])
+        Self::bind_attend_params(gpu, pipeline, AttendParams::new(sh, splits), &[state, q, k_cache, v_cache, part])
     }
 
-    /// The attention parameters for `sh` and `splits`, then `buffers` in binding order.
+    /// `params`, then `buffers` in binding order.
     fn bind_attend_params(
         gpu: &Gpu,
         pipeline: &Arc<wgpu::ComputePipeline>,
-        sh: AttnShape,
-        splits: u32,
+        params: AttendParams,
         buffers: &[&GpuBuffer],
     ) -> Bound {
-        assert!((1..=Self::MAX_SPLITS).contains(&splits), "attention splits {splits}");
-        let params = gpu.uniform("attend", &AttendParams::new(sh, splits));
+        assert!((1..=Self::MAX_SPLITS).contains(&params.n_splits), "attention splits {}", params.n_splits);
+        let params = gpu.uniform("attend", &params);
         let mut entries = vec![params.binding()];
         entries.extend(buffers.iter().map(|b| b.binding()));
         let bind_group = gpu.bind_group(pipeline, &entries);
@@ -244,7 +251,91 @@ impl AttentionKernels {
             AttendKind::PerHead => &self.attend_new_kv,
             AttendKind::Grouped => &self.attend_group_new_kv,
         };
-        Self::bind_attend_params(gpu, pipeline, sh, splits, &[state, qkv, k_cache, v_cache, part, rope])
+        Self::bind_attend_params(
+            gpu,
+            pipeline,
+            AttendParams::new(sh, splits),
+            &[state, qkv, k_cache, v_cache, part, rope],
+        )
+    }
+
+    /// Whether the adapter runs [`AttentionKernels::bind_attend_merged`]: it binds eight
+    /// storage buffers.
+    pub fn merged_fits(gpu: &Gpu) -> bool {
+        gpu.caps.max_storage_buffers_per_stage >= 8
+    }
+
+    /// [`AttentionKernels::bind_attend_new_kv`] that also merges the splits (attend_merge.wgsl):
+    /// the last workgroup of each head merges them into `out`, `[n_heads * head_dim]` f32, or
+    /// with `q8` 8-bit blocks as [`AttentionKernels::bind_merge_q8`] writes them (head_dim a
+    /// multiple of 32). `arrivals` holds [`AttnShape::arrival_words`] zeroed words; each step
+    /// leaves them zero again. One-token steps only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_attend_merged(
+        &self,
+        gpu: &Gpu,
+        sh: AttnShape,
+        splits: u32,
+        state: &GpuBuffer,
+        rope: &GpuBuffer,
+        qkv: &GpuBuffer,
+        k_cache: &GpuBuffer,
+        v_cache: &GpuBuffer,
+        part: &GpuBuffer,
+        arrivals: &GpuBuffer,
+        out: &GpuBuffer,
+        kind: AttendKind,
+        q8: bool,
+    ) -> Result<Bound> {
+        let k = (sh.n_heads * sh.head_dim) as usize;
+        let q8_stride = crate::kernels::quantize::q8_words(k);
+        let out_bytes = if q8 { q8_stride * 4 } else { k * 4 } as u64;
+        if !Self::merged_fits(gpu) {
+            return Err(Error::Unsupported("merged attention binds 8 storage buffers".into()));
+        }
+        if q8 && !sh.head_dim.is_multiple_of(Self::MERGE_LANES) {
+            return Err(Error::InvalidArgument(format!(
+                "an 8-bit merge output takes heads of a multiple of 32 values, not {}",
+                sh.head_dim
+            )));
+        }
+        if out.size < out_bytes || arrivals.size < sh.arrival_words() * 4 {
+            return Err(Error::InvalidArgument(format!(
+                "merged attention output of {} bytes (needs {out_bytes}), arrivals of {}",
+                out.size, arrivals.size
+            )));
+        }
+        let src = match kind {
+            AttendKind::PerHead => ("attend", ATTEND_WGSL),
+            AttendKind::Grouped => ("attend_group", ATTEND_GROUP_WGSL),
+        };
+        let sources = [REDUCE_WGSL, KV_WGSL, ATTEND_COMMON_WGSL, ROPE_ANGLES_WGSL, ATTEND_MERGE_WGSL, src.1];
+        let mut key = PipelineKey::new(src.0, &sources, gpu.flags()).define("NEW_KV").define("MERGE_LAST");
+        if q8 {
+            key = key.define("Q8_OUT");
+        }
+        let pipeline = gpu.pipeline(&key)?;
+        let params = AttendParams { q8_stride: q8_stride as u32, ..AttendParams::new(sh, splits) };
+        Ok(Self::bind_attend_params(gpu, &pipeline, params, &[state, qkv, k_cache, v_cache, part, rope, arrivals, out]))
+    }
+
+    /// Partial values (splits x heads x head_dim) up to which a decode step merges inside
+    /// attention (AttentionKernels::bind_attend_merged). The merging workgroup reads them
+    /// alone, after every split is done, where the merge dispatch spreads them over many
+    /// workgroups. On an H100 (benches/RESULTS.md, round 11), per layer against attend + merge:
+    /// Llama-3-8B per head at 17 splits (1K keys, 2,176 values) -1.3 to -2 us, at 64 splits
+    /// (8,192) +6 us, its head groups at 64 (32,768) +26 us; SmolLM2 per head at 16 splits
+    /// (1,024) -1.7 us, at 64 (4,096) -0.6 us.
+    pub const MERGED_MAX_VALUES: u32 = 3072;
+
+    /// Whether a decode step with `keys` keys merges its splits in the attention kernel
+    /// (the one [`AttentionKernels::decode_kind`] picks) rather than in a merge dispatch.
+    pub fn merges_in_attention(sh: AttnShape, splits: u32, keys: u32) -> bool {
+        let heads = match Self::decode_kind(sh, splits, keys) {
+            AttendKind::PerHead => 1,
+            AttendKind::Grouped => (sh.n_heads / sh.n_kv).min(4),
+        };
+        Self::used_splits(splits, keys) * heads * sh.head_dim <= Self::MERGED_MAX_VALUES
     }
 
     /// Query heads per KV head from which the grouped kernel is used: with fewer, its vec4
@@ -434,16 +525,28 @@ mod tests {
         half::f16::from_f64(v).to_f64()
     }
 
+    /// How a test step runs attention.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Mode {
+        /// rope_kv, attend, merge.
+        Separate,
+        /// The decode kernel that rotates and appends the new key itself, then merge.
+        NewKv,
+        /// The decode kernel that also merges (attend_merge.wgsl): no merge dispatch.
+        Merged,
+    }
+
     /// Runs rope_kv + attend + merge for `n` new tokens after `past` cached ones (whose K/V
     /// are written by earlier steps of the same kernels) and checks q rotation, the cache
     /// contents and the attention output against f64 references; once with each attention
     /// kernel (per head, head groups), and for one-token steps also with the decode variants
-    /// that rotate and append the new key themselves (`fused`).
+    /// that rotate and append the new key themselves, with and without the merge inside.
     fn check(gpu: &Gpu, sh: AttnShape, past: usize, n: usize, splits: u32, seed: u64) {
         for kind in [AttendKind::PerHead, AttendKind::Grouped] {
-            check_kind(gpu, sh, past, n, splits, seed, kind, false);
+            check_kind(gpu, sh, past, n, splits, seed, kind, Mode::Separate);
             if n == 1 {
-                check_kind(gpu, sh, past, n, splits, seed, kind, true);
+                check_kind(gpu, sh, past, n, splits, seed, kind, Mode::NewKv);
+                check_kind(gpu, sh, past, n, splits, seed, kind, Mode::Merged);
             }
         }
     }
@@ -457,7 +560,7 @@ mod tests {
         splits: u32,
         seed: u64,
         kind: AttendKind,
-        fused: bool,
+        mode: Mode,
     ) {
         let k = AttentionKernels::new(gpu).unwrap();
         let hd = sh.head_dim as usize;
@@ -479,11 +582,18 @@ mod tests {
         let qkvb = gpu.storage("qkv", (cap * row * 4) as u64).unwrap();
         let part = gpu.storage("part", sh.partial_floats(cap as u32, splits) * 4).unwrap();
         let out = gpu.storage("out", (cap * nh * hd * 4) as u64).unwrap();
+        let arrivals = gpu.storage("arrivals", sh.arrival_words() * 4).unwrap();
+        let kq = nh * hd;
+        let xq = gpu.storage("xq", (crate::kernels::quantize::q8_words(kq) * 4) as u64).unwrap();
         let rb = k.bind_rope_kv(gpu, sh, &state, &rope, &qkvb, &qb, &kc, &vc);
         let ab = k.bind_attend(gpu, sh, splits, &state, &qb, &kc, &vc, &part, kind);
         let fb = k.bind_attend_new_kv(gpu, sh, splits, &state, &rope, &qkvb, &kc, &vc, &part, kind);
+        let merged = |out: &GpuBuffer, q8: bool| {
+            k.bind_attend_merged(gpu, sh, splits, &state, &rope, &qkvb, &kc, &vc, &part, &arrivals, out, kind, q8)
+        };
         let mb = k.bind_merge(gpu, sh, splits, &state, &part, &out);
-        let step = |start: usize, cnt: usize, fused: bool| {
+        let groups = |cnt: usize| AttentionKernels::attend_groups(sh, splits, cnt as u32, kind);
+        let step = |start: usize, cnt: usize, mode: Mode| {
             gpu.write(&state, 0, &[start as u32, cnt as u32, 0, 0]);
             let mut rows = Vec::with_capacity(cnt * row);
             for t in start..start + cnt {
@@ -492,22 +602,27 @@ mod tests {
                 rows.extend_from_slice(&vs[t * nkv * hd..(t + 1) * nkv * hd]);
             }
             gpu.write(&qkvb, 0, &rows);
+            let mg = if mode == Mode::Merged { Some(merged(&out, false).unwrap()) } else { None };
             crate::kernels::run_pass(gpu, |p| {
-                if fused {
-                    fb.record(p, AttentionKernels::attend_groups(sh, splits, cnt as u32, kind));
-                } else {
-                    rb.record(p, AttentionKernels::rope_groups(sh, cnt as u32));
-                    ab.record(p, AttentionKernels::attend_groups(sh, splits, cnt as u32, kind));
+                match (mode, &mg) {
+                    (Mode::Merged, Some(b)) => b.record(p, groups(cnt)),
+                    (Mode::NewKv, _) => fb.record(p, groups(cnt)),
+                    _ => {
+                        rb.record(p, AttentionKernels::rope_groups(sh, cnt as u32));
+                        ab.record(p, groups(cnt));
+                    }
                 }
-                mb.record(p, AttentionKernels::merge_groups(sh, cnt as u32));
+                if mode != Mode::Merged {
+                    mb.record(p, AttentionKernels::merge_groups(sh, cnt as u32));
+                }
             })
             .unwrap();
         };
         if past > 0 {
-            step(0, past, false);
+            step(0, past, Mode::Separate);
         }
-        step(past, n, fused);
-        let what = format!("{sh:?} past {past} n {n} splits {splits} {kind:?} fused {fused} {:?}", gpu.flags());
+        step(past, n, mode);
+        let what = format!("{sh:?} past {past} n {n} splits {splits} {kind:?} {mode:?} {:?}", gpu.flags());
 
         // Rotated q of the new tokens (the fused kernels keep theirs in workgroup memory).
         let mut want_q = vec![];
@@ -517,7 +632,7 @@ mod tests {
                 want_q.extend(rope_reference(&qs[b..b + hd], &inv_freq, past + t));
             }
         }
-        if !fused {
+        if mode == Mode::Separate {
             let got_q: Vec<f32> = gpu.read(&qb, 0, n * nh * hd).unwrap();
             assert_close(&format!("rope q {what}"), &got_q, &want_q, 1e-5, 1e-5);
         }
@@ -557,6 +672,22 @@ mod tests {
             }
         }
         assert_close(&format!("attention {what}"), &got, &want, 2e-4, 2e-3);
+        // The merged kernel again (its last workgroups left the arrival counts at zero), with
+        // the 8-bit output: the blocks of the f32 output as quantize_q8 makes them. The
+        // step's key and value are written again, unchanged.
+        if mode == Mode::Merged {
+            let bound = merged(&xq, true);
+            if !hd.is_multiple_of(32) {
+                assert!(bound.is_err(), "{what}");
+                return;
+            }
+            let b = bound.unwrap();
+            crate::kernels::run_pass(gpu, |p| b.record(p, groups(1))).unwrap();
+            let words: Vec<u32> = gpu.read(&xq, 0, crate::kernels::quantize::q8_words(kq)).unwrap();
+            let blocks = crate::kernels::quantize::unpack(&words, kq);
+            let wanted = crate::kernels::quantize::reference(&got[..kq]);
+            crate::kernels::quantize::tests::check(&format!("merged q8 {what}"), &blocks, &wanted);
+        }
     }
 
     #[test]
@@ -581,6 +712,22 @@ mod tests {
         // All 64 splits in use at a long context (65 tiles), and few of them at a short one.
         check(gpu, AttnShape { n_heads: 2, n_kv: 1, head_dim: 8, max_ctx: 4200 }, 4150, 1, 64, 8);
         check(gpu, AttnShape { n_heads: 2, n_kv: 1, head_dim: 8, max_ctx: 4200 }, 200, 2, 64, 9);
+    }
+
+    /// Which decode steps merge inside attention: few partial values per merging workgroup.
+    #[test]
+    fn merged_attention_only_over_few_partials() {
+        let llama = AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 16384 };
+        let smol = AttnShape { n_heads: 9, n_kv: 3, head_dim: 64, max_ctx: 8192 };
+        let m = AttentionKernels::merges_in_attention;
+        // 24 splits of 128 values per head fit, 25 do not; head groups (4 heads) at 16K not.
+        assert!(m(llama, 64, 1056) && m(llama, 64, 24 * 64) && !m(llama, 64, 24 * 64 + 1));
+        assert!(!m(llama, 64, 16384));
+        // SmolLM2 (3 heads per KV head: the per-head kernel) up to 48 splits.
+        assert!(m(smol, 64, 48 * 64) && !m(smol, 64, 48 * 64 + 1));
+        // At most 16 splits: 1K keys per head (16 x 128), 16K keys through head groups
+        // (16 x 4 x 128).
+        assert!(m(llama, 16, 1024) && !m(llama, 16, 16384));
     }
 
     #[test]
