@@ -11,7 +11,7 @@ use half::f16;
 use longwave::bench::kernels::{shape_by_name, BenchShape};
 use longwave::decoder::Plan;
 use longwave::gpu::{Gpu, GpuBuffer};
-use longwave::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
+use longwave::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape, DecodeAttention};
 use longwave::kernels::embedding::Embedding;
 use longwave::kernels::matmul::{norm_output_floats, q8_norm_words, Epilogue, GpuMatrix, MatMul, MatVec, MergeInput};
 use longwave::kernels::quantize::{q8_words, Q8Input, QuantizeQ8};
@@ -360,18 +360,24 @@ fn attention(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result
         // rope_kv first.
         let merged = mode == "merged";
         let arrivals = gpu.storage("arrivals", a.arrival_words() * 4)?;
+        let d = DecodeAttention {
+            sh: a,
+            splits,
+            kind,
+            state: &state,
+            rope: &rope,
+            qkv: &qkvb,
+            k_cache: &kb,
+            v_cache: &vb,
+            part: &part,
+        };
         let attend = if merged {
             vec![(
-                k.bind_attend_merged(
-                    gpu, a, splits, &state, &rope, &qkvb, &kb, &vb, &part, &arrivals, &o, kind, false,
-                )?,
+                k.bind_attend_merged(gpu, &d, &arrivals, &o, false)?,
                 AttentionKernels::attend_groups(a, splits, 1, kind),
             )]
         } else if n == 1 {
-            vec![(
-                k.bind_attend_new_kv(gpu, a, splits, &state, &rope, &qkvb, &kb, &vb, &part, kind),
-                AttentionKernels::attend_groups(a, splits, 1, kind),
-            )]
+            vec![(k.bind_attend_new_kv(gpu, &d), AttentionKernels::attend_groups(a, splits, 1, kind))]
         } else {
             vec![
                 (

@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuBuffer};
-use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
+use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape, DecodeAttention};
 use crate::kernels::embedding::Embedding;
 use crate::kernels::matmul::{
     norm_output_floats, norm_output_parts, q8_norm_words, Epilogue, GpuMatrix, MatMul, MatVec, MergeInput, OutRows,
@@ -640,26 +640,11 @@ impl Decoder {
                         [0, 0, 0]
                     }
                 };
-                let bound =
-                    k.attn.bind_attend_new_kv(gpu, sh, splits, &b.state, &b.rope, &b.qkv, kc, vc, &b.part, kind);
-                push(&mut steps, "attend", bound, Box::new(move |s| when(s, false)));
+                let (state, rope, qkv, part) = (&b.state, &b.rope, &b.qkv, &b.part);
+                let decode = DecodeAttention { sh, splits, kind, state, rope, qkv, k_cache: kc, v_cache: vc, part };
+                push(&mut steps, "attend", k.attn.bind_attend_new_kv(gpu, &decode), Box::new(move |s| when(s, false)));
                 if merged_attn {
-                    let (rope, qkv, part) = (&b.rope, &b.qkv, &b.part);
-                    let bound = k.attn.bind_attend_merged(
-                        gpu,
-                        sh,
-                        splits,
-                        &b.state,
-                        rope,
-                        qkv,
-                        kc,
-                        vc,
-                        part,
-                        &b.arrivals,
-                        merge_out,
-                        kind,
-                        merge_q8,
-                    )?;
+                    let bound = k.attn.bind_attend_merged(gpu, &decode, &b.arrivals, merge_out, merge_q8)?;
                     push(&mut steps, "attend", bound, Box::new(move |s| when(s, true)));
                 }
             }

@@ -9,7 +9,7 @@ use super::{GpuTimer, Peaks, Row};
 use crate::decoder::Plan;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape};
+use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape, DecodeAttention};
 use crate::kernels::embedding::Embedding;
 use crate::kernels::matmul::{norm_output_floats, norm_output_parts, q8_norm_words};
 use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, OutRows};
@@ -409,44 +409,26 @@ impl Bench<'_> {
             // Both attention kernels (per query head, per head group); decode picks one by
             // the keys per split (AttentionKernels::decode_kind), prefill by the group size.
             // Decode times the variant it runs: rotary embedding and cache append included.
+            // The decode kernels also merging their splits themselves: attend_merged (no
+            // attn_merge dispatch after them).
             let kinds = [(AttendKind::PerHead, ""), (AttendKind::Grouped, "_group")];
+            let arrivals = gpu.storage("arrivals", a.arrival_words() * 4)?;
             for (kind, suffix) in kinds {
-                let name = format!("attend_decode{suffix}");
-                if !self.wanted(&name) {
-                    continue;
-                }
-                let b = k.bind_attend_new_kv(gpu, a, splits, &decode_state, &rope, &qkv, &kc, &vc, &part, kind);
-                let s = self.time_sets(&[vec![(b, AttentionKernels::attend_groups(a, splits, 1, kind))]])?;
-                let flops = 4.0 * (nh * hd * ctx) as f64;
+                let (state, rope, qkv, part) = (&decode_state, &rope, &qkv, &part);
+                let d = DecodeAttention { sh: a, splits, kind, state, rope, qkv, k_cache: &kc, v_cache: &vc, part };
                 let used = if AttentionKernels::decode_kind(a, splits, ctx) == kind { " (used)" } else { "" };
-                on_row(&row(&name, format!("ctx={ctx} splits={splits}{used}"), s, cache_read, flops));
-            }
-            // The decode kernel that merges its splits itself (no attn_merge dispatch after it).
-            if AttentionKernels::merged_fits(gpu) {
-                let arrivals = gpu.storage("arrivals", a.arrival_words() * 4)?;
-                for (kind, suffix) in kinds {
-                    let name = format!("attend_merged{suffix}");
-                    if !self.wanted(&name) {
+                for merged in [false, true] {
+                    let name = format!("{}{suffix}", if merged { "attend_merged" } else { "attend_decode" });
+                    if !self.wanted(&name) || (merged && !AttentionKernels::merged_fits(gpu)) {
                         continue;
                     }
-                    let b = k.bind_attend_merged(
-                        gpu,
-                        a,
-                        splits,
-                        &decode_state,
-                        &rope,
-                        &qkv,
-                        &kc,
-                        &vc,
-                        &part,
-                        &arrivals,
-                        &out,
-                        kind,
-                        false,
-                    )?;
+                    let b = if merged {
+                        k.bind_attend_merged(gpu, &d, &arrivals, &out, false)?
+                    } else {
+                        k.bind_attend_new_kv(gpu, &d)
+                    };
                     let s = self.time_sets(&[vec![(b, AttentionKernels::attend_groups(a, splits, 1, kind))]])?;
                     let flops = 4.0 * (nh * hd * ctx) as f64;
-                    let used = if AttentionKernels::decode_kind(a, splits, ctx) == kind { " (used)" } else { "" };
                     on_row(&row(&name, format!("ctx={ctx} splits={splits}{used}"), s, cache_read, flops));
                 }
             }

@@ -124,6 +124,32 @@ pub enum AttendKind {
     Grouped,
 }
 
+/// What a decode step's attention reads and writes ([`AttentionKernels::bind_attend_new_kv`],
+/// [`AttentionKernels::bind_attend_merged`]).
+#[derive(Clone, Copy)]
+pub struct DecodeAttention<'a> {
+    pub sh: AttnShape,
+    pub splits: u32,
+    pub kind: AttendKind,
+    /// The step state (position, token count).
+    pub state: &'a GpuBuffer,
+    /// The rotary table ([`rope_table`]).
+    pub rope: &'a GpuBuffer,
+    /// The step's QKV product row.
+    pub qkv: &'a GpuBuffer,
+    pub k_cache: &'a GpuBuffer,
+    pub v_cache: &'a GpuBuffer,
+    /// The partials `[head][split][head_dim + 2]`.
+    pub part: &'a GpuBuffer,
+}
+
+impl<'a> DecodeAttention<'a> {
+    /// The buffers in binding order (attend_common.wgsl: 1 to 6).
+    fn buffers(&self) -> [&'a GpuBuffer; 6] {
+        [self.state, self.qkv, self.k_cache, self.v_cache, self.part, self.rope]
+    }
+}
+
 pub struct AttentionKernels {
     rope: Arc<wgpu::ComputePipeline>,
     attend: Arc<wgpu::ComputePipeline>,
@@ -233,30 +259,12 @@ impl AttentionKernels {
     /// new key and value rotated, used and appended to the cache in the same dispatch, so the
     /// step needs no rope_kv dispatch. Steps of several tokens (prefill) use rope_kv and
     /// [`AttentionKernels::bind_attend`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn bind_attend_new_kv(
-        &self,
-        gpu: &Gpu,
-        sh: AttnShape,
-        splits: u32,
-        state: &GpuBuffer,
-        rope: &GpuBuffer,
-        qkv: &GpuBuffer,
-        k_cache: &GpuBuffer,
-        v_cache: &GpuBuffer,
-        part: &GpuBuffer,
-        kind: AttendKind,
-    ) -> Bound {
-        let pipeline = match kind {
+    pub fn bind_attend_new_kv(&self, gpu: &Gpu, d: &DecodeAttention) -> Bound {
+        let pipeline = match d.kind {
             AttendKind::PerHead => &self.attend_new_kv,
             AttendKind::Grouped => &self.attend_group_new_kv,
         };
-        Self::bind_attend_params(
-            gpu,
-            pipeline,
-            AttendParams::new(sh, splits),
-            &[state, qkv, k_cache, v_cache, part, rope],
-        )
+        Self::bind_attend_params(gpu, pipeline, AttendParams::new(d.sh, d.splits), &d.buffers())
     }
 
     /// Whether the adapter runs [`AttentionKernels::bind_attend_merged`]: it binds eight
@@ -270,23 +278,15 @@ impl AttentionKernels {
     /// with `q8` 8-bit blocks as [`AttentionKernels::bind_merge_q8`] writes them (head_dim a
     /// multiple of 32). `arrivals` holds [`AttnShape::arrival_words`] zeroed words; each step
     /// leaves them zero again. One-token steps only.
-    #[allow(clippy::too_many_arguments)]
     pub fn bind_attend_merged(
         &self,
         gpu: &Gpu,
-        sh: AttnShape,
-        splits: u32,
-        state: &GpuBuffer,
-        rope: &GpuBuffer,
-        qkv: &GpuBuffer,
-        k_cache: &GpuBuffer,
-        v_cache: &GpuBuffer,
-        part: &GpuBuffer,
+        d: &DecodeAttention,
         arrivals: &GpuBuffer,
         out: &GpuBuffer,
-        kind: AttendKind,
         q8: bool,
     ) -> Result<Bound> {
+        let (sh, splits, kind) = (d.sh, d.splits, d.kind);
         let k = (sh.n_heads * sh.head_dim) as usize;
         let q8_stride = crate::kernels::quantize::q8_words(k);
         let out_bytes = if q8 { q8_stride * 4 } else { k * 4 } as u64;
@@ -316,6 +316,7 @@ impl AttentionKernels {
         }
         let pipeline = gpu.pipeline(&key)?;
         let params = AttendParams { q8_stride: q8_stride as u32, ..AttendParams::new(sh, splits) };
+        let [state, qkv, k_cache, v_cache, part, rope] = d.buffers();
         Ok(Self::bind_attend_params(gpu, &pipeline, params, &[state, qkv, k_cache, v_cache, part, rope, arrivals, out]))
     }
 
@@ -587,10 +588,19 @@ mod tests {
         let xq = gpu.storage("xq", (crate::kernels::quantize::q8_words(kq) * 4) as u64).unwrap();
         let rb = k.bind_rope_kv(gpu, sh, &state, &rope, &qkvb, &qb, &kc, &vc);
         let ab = k.bind_attend(gpu, sh, splits, &state, &qb, &kc, &vc, &part, kind);
-        let fb = k.bind_attend_new_kv(gpu, sh, splits, &state, &rope, &qkvb, &kc, &vc, &part, kind);
-        let merged = |out: &GpuBuffer, q8: bool| {
-            k.bind_attend_merged(gpu, sh, splits, &state, &rope, &qkvb, &kc, &vc, &part, &arrivals, out, kind, q8)
+        let decode = DecodeAttention {
+            sh,
+            splits,
+            kind,
+            state: &state,
+            rope: &rope,
+            qkv: &qkvb,
+            k_cache: &kc,
+            v_cache: &vc,
+            part: &part,
         };
+        let fb = k.bind_attend_new_kv(gpu, &decode);
+        let merged = |out: &GpuBuffer, q8: bool| k.bind_attend_merged(gpu, &decode, &arrivals, out, q8);
         let mb = k.bind_merge(gpu, sh, splits, &state, &part, &out);
         let groups = |cnt: usize| AttentionKernels::attend_groups(sh, splits, cnt as u32, kind);
         let step = |start: usize, cnt: usize, mode: Mode| {
