@@ -408,6 +408,13 @@ pub struct Dispatch {
     pub groups: GroupsFn,
 }
 
+impl Dispatch {
+    /// Whether `step` runs it (a step skips the variants it does not use).
+    pub fn runs(&self, step: Step) -> bool {
+        (self.groups)(step).iter().all(|&v| v > 0)
+    }
+}
+
 /// The recorded dispatches of a session.
 pub struct Decoder {
     /// One decode step (n = 1): embed .. sample.
@@ -813,11 +820,8 @@ fn hidden_attn(sh: AttnShape) -> usize {
 
 /// Records `dispatches` for `step` into one compute pass.
 pub fn record(pass: &mut wgpu::ComputePass<'_>, dispatches: &[Dispatch], step: Step) {
-    for d in dispatches {
-        let g = (d.groups)(step);
-        if g.iter().all(|&v| v > 0) {
-            d.bound.record(pass, g);
-        }
+    for d in dispatches.iter().filter(|d| d.runs(step)) {
+        d.bound.record(pass, (d.groups)(step));
     }
 }
 

@@ -372,9 +372,10 @@ impl Session {
     }
 
     /// For benchmarks: one more decode step, continuing the last generation, with every
-    /// dispatch in its own timed pass. Returns each dispatch's kind and GPU seconds in step
-    /// order (None without timestamps). Pass boundaries add a little to each time; the sum is
-    /// a bit above a normal step's. The session forgets its conversation afterwards.
+    /// dispatch in its own timed pass. Returns the kind and GPU seconds of each dispatch the
+    /// step runs, in step order (None without timestamps). Pass boundaries add a little to
+    /// each time; the sum is a bit above a normal step's. The session forgets its
+    /// conversation afterwards.
     pub fn profile_dispatches(&mut self, timer: &crate::bench::GpuTimer) -> Result<Option<Vec<(&'static str, f64)>>> {
         if self.cached.is_empty() {
             return Err(Error::InvalidArgument("profile_dispatches continues a generation: generate first".into()));
@@ -614,11 +615,12 @@ fn time_each(
     for (i, d) in steps.iter().enumerate() {
         let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: timer.writes(i as u32) };
         let mut pass = enc.begin_compute_pass(&desc);
-        // A dispatch this step skips (the attention kernel it does not use) times as ~0.
+        // A dispatch this step skips (a variant it does not use) gets an empty pass, and
+        // no entry in the result.
         record(&mut pass, std::slice::from_ref(d), step);
     }
     gpu.queue.submit([enc.finish()]);
     let times = timer.collect(gpu, steps.len() as u32)?;
     gpu.wait()?;
-    Ok(times.map(|t| steps.iter().map(|d| d.kind).zip(t).collect()))
+    Ok(times.map(|t| steps.iter().zip(t).filter(|(d, _)| d.runs(step)).map(|(d, t)| (d.kind, t)).collect()))
 }
