@@ -514,8 +514,9 @@ impl Decoder {
         let q8k = if prefill { None } else { k.q8.as_ref() };
 
         // Token ids -> hidden states.
+        let embed_cols = w.embed.cols;
         for (bound, _) in k.embed.bind(gpu, &w.embed, &b.tokens, 0, &b.x, rows as usize)? {
-            push(&mut steps, "embed", bound, Box::new(|s| crate::kernels::groups_1d(s.n)));
+            push(&mut steps, "embed", bound, Box::new(move |s| crate::kernels::embedding::groups(embed_cols, s.n)));
         }
         // Whether layer i's products take 8-bit vectors (see q8 below).
         let fuse_norm =

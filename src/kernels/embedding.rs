@@ -65,6 +65,9 @@ impl Embedding {
             )))
             }
         }
+        if e.cols.div_ceil(COLS_PER_GROUP) > 65535 {
+            return Err(Error::InvalidArgument(format!("an embedding of {} columns is too wide to gather", e.cols)));
+        }
         let mut v = Vec::new();
         for (i, c) in e.chunks.iter().enumerate() {
             let p = Params {
@@ -80,7 +83,10 @@ impl Embedding {
             let params = gpu.uniform("embedding", &p);
             let bind_group =
                 gpu.bind_group(&self.pipeline, &[params.binding(), tokens.binding(), out.binding(), c.buf.binding()]);
-            v.push((Bound { pipeline: self.pipeline.clone(), bind_group, params: Some(params) }, groups_1d(n as u32)));
+            v.push((
+                Bound { pipeline: self.pipeline.clone(), bind_group, params: Some(params) },
+                groups(e.cols, n as u32),
+            ));
         }
         Ok(v)
     }
@@ -91,9 +97,19 @@ impl Embedding {
             if let Some(u) = &b.params {
                 queue.write_buffer(&u.buffer, 0, bytemuck::bytes_of(&n));
             }
-            *g = groups_1d(n);
+            *g = [g[0], groups_1d(n)[0], groups_1d(n)[1]];
         }
     }
+}
+
+/// Columns one workgroup gathers (embedding.wgsl's COLS).
+pub const COLS_PER_GROUP: usize = 256;
+
+/// Workgroups of a gather of `n` tokens of `cols` columns: column blocks x tokens (the
+/// tokens over y and z past 65,535).
+pub fn groups(cols: usize, n: u32) -> [u32; 3] {
+    let t = groups_1d(n);
+    [cols.div_ceil(COLS_PER_GROUP).max(1) as u32, t[0], t[1]]
 }
 
 /// CPU reference: rows of the dequantized table `e` `[rows, cols]`, zeros for ids past the end.
