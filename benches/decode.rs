@@ -16,8 +16,13 @@ fn main() -> Result<(), longwave::Error> {
     let cpu = model.gpu.info.device_type == wgpu::DeviceType::Cpu;
     // A CPU adapter (lavapipe) takes minutes per thousand tokens: one short context there.
     let contexts = if cpu { vec![128] } else { DecodeBenchOptions::default_contexts(&model, 8192, 128, 32) };
-    let opts =
-        DecodeBenchOptions { contexts, decode_tokens: if cpu { 16 } else { 128 }, profile_steps: 8, breakdown: false };
+    let opts = DecodeBenchOptions {
+        contexts,
+        decode_tokens: if cpu { 16 } else { 128 },
+        profile_steps: 8,
+        breakdown: false,
+        marginal: false,
+    };
     run(&model, &opts, &mut |r| println!("{}", serde_json::to_string(r).unwrap_or_default()))?;
     Ok(())
 }

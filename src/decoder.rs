@@ -821,7 +821,13 @@ fn hidden_attn(sh: AttnShape) -> usize {
 
 /// Records `dispatches` for `step` into one compute pass.
 pub fn record(pass: &mut wgpu::ComputePass<'_>, dispatches: &[Dispatch], step: Step) {
-    for d in dispatches.iter().filter(|d| d.runs(step)) {
+    record_without(pass, dispatches, step, None);
+}
+
+/// [`record`] leaving out every dispatch of kind `skip` (benchmarks: what a step costs
+/// without it; the step's results are then meaningless).
+pub fn record_without(pass: &mut wgpu::ComputePass<'_>, dispatches: &[Dispatch], step: Step, skip: Option<&str>) {
+    for d in dispatches.iter().filter(|d| d.runs(step) && Some(d.kind) != skip) {
         d.bound.record(pass, (d.groups)(step));
     }
 }

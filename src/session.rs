@@ -1,7 +1,7 @@
 //! The public API: a loaded [`Model`] (shared, read-only) and [`Session`]s over it, each with
 //! its own KV cache, that prefill prompts, stream sampled tokens and measure perplexity.
 
-use crate::decoder::{record, Buffers, Decoder, Kernels, Plan, Step, Weights, STEPS_IN_FLIGHT};
+use crate::decoder::{record, record_without, Buffers, Decoder, Kernels, Plan, Step, Weights, STEPS_IN_FLIGHT};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuOptions};
 use crate::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
@@ -313,12 +313,23 @@ impl Session {
         timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
         keys: usize,
     ) -> wgpu::SubmissionIndex {
+        self.submit_decode_without(slot, timestamps, keys, None)
+    }
+
+    /// [`Session::submit_decode`] leaving out the dispatches of kind `skip` (benchmarks).
+    fn submit_decode_without(
+        &self,
+        slot: Option<usize>,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+        keys: usize,
+        skip: Option<&str>,
+    ) -> wgpu::SubmissionIndex {
         let gpu = &self.model.gpu;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         {
             let desc = wgpu::ComputePassDescriptor { label: None, timestamp_writes: timestamps };
             let mut pass = enc.begin_compute_pass(&desc);
-            record(&mut pass, &self.dec.decode, Step { n: 1, keys: keys as u32 });
+            record_without(&mut pass, &self.dec.decode, Step { n: 1, keys: keys as u32 }, skip);
         }
         if let Some(slot) = slot {
             enc.copy_buffer_to_buffer(&self.bufs.tokens.buffer, 0, &self.bufs.readback[slot], 0, 4);
@@ -344,6 +355,19 @@ impl Session {
         steps: u32,
         timer: &crate::bench::GpuTimer,
     ) -> Result<(Duration, Option<Vec<f64>>)> {
+        self.profile_decode_without(steps, timer, None)
+    }
+
+    /// [`Session::profile_decode`] with the dispatches of kind `skip` left out of every step:
+    /// the difference from the full step is what that kind costs a step (its own time and its
+    /// barrier), where [`Session::profile_dispatches`] times each dispatch in a pass of its
+    /// own. The tokens such steps compute are meaningless.
+    pub fn profile_decode_without(
+        &mut self,
+        steps: u32,
+        timer: &crate::bench::GpuTimer,
+        skip: Option<&str>,
+    ) -> Result<(Duration, Option<Vec<f64>>)> {
         if self.cached.is_empty() {
             return Err(Error::InvalidArgument("profile_decode continues a generation: generate first".into()));
         }
@@ -361,7 +385,7 @@ impl Session {
         let mut host = Duration::ZERO;
         for i in 0..steps {
             let t = Instant::now();
-            self.submit_decode(None, timer.writes(i), self.cached.len() + 1 + i as usize);
+            self.submit_decode_without(None, timer.writes(i), self.cached.len() + 1 + i as usize, skip);
             host += t.elapsed();
         }
         let gpu = &self.model.gpu;
@@ -429,6 +453,19 @@ impl Session {
     /// Number of dispatches in one decode step.
     pub fn decode_dispatches(&self) -> usize {
         self.dec.decode.len()
+    }
+
+    /// The kinds of dispatch the next decode step runs, in step order, with how many of each.
+    pub fn decode_kinds(&self) -> Vec<(&'static str, u32)> {
+        let step = Step { n: 1, keys: (self.cached.len() + 1) as u32 };
+        let mut kinds: Vec<(&'static str, u32)> = vec![];
+        for d in self.dec.decode.iter().filter(|d| d.runs(step)) {
+            match kinds.iter_mut().find(|(k, _)| *k == d.kind) {
+                Some((_, n)) => *n += 1,
+                None => kinds.push((d.kind, 1)),
+            }
+        }
+        kinds
     }
 
     /// Continues the context `ids` (the whole conversation so far; what the cache already

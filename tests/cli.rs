@@ -105,7 +105,7 @@ fn generate_prints_only_text_on_stdout_and_ppl_prints_its_contract() {
 fn bench_decode_json_has_its_fields_and_a_per_kernel_breakdown() {
     let m = model();
     let args = ["bench", "decode", "--model", m.to_str().unwrap(), "--contexts", "16", "--decode-tokens", "3"];
-    let o = longwave(&[&args[..], &["--profile-steps", "2", "--breakdown", "--json"]].concat(), &[]);
+    let o = longwave(&[&args[..], &["--profile-steps", "2", "--breakdown", "--marginal", "--json"]].concat(), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8(o.stdout.clone()).unwrap();
     let lines: Vec<&str> = out.lines().collect();
@@ -125,4 +125,15 @@ fn bench_decode_json_has_its_fields_and_a_per_kernel_breakdown() {
         (Some(30), Some(30), Some(1), Some(1))
     );
     assert!(kernels.iter().all(|s| s["us"].as_f64().is_some_and(|us| us > 0.0)), "{row}");
+    // The marginal view: one entry per kind of the step, in step order (embedding first, the
+    // sampler last), with the same dispatch counts. On lavapipe its times are too noisy to
+    // check more than that each is a number.
+    let marginal = row["marginal"].as_array().expect("marginal");
+    assert_eq!(marginal.len(), kernels.len(), "{row}");
+    for s in kernels {
+        let m = marginal.iter().find(|m| m["kernel"] == s["kernel"]).expect("kind in marginal");
+        assert_eq!(m["dispatches"], s["dispatches"], "{row}");
+        assert!(m["us"].as_f64().is_some_and(f64::is_finite), "{row}");
+    }
+    assert_eq!((&marginal[0]["kernel"], &marginal[marginal.len() - 1]["kernel"]), (&"embed".into(), &"sample".into()));
 }

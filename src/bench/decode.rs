@@ -5,7 +5,9 @@
 //! `decode_tokens` tokens are generated exactly as `generate` does (wall clock, one submit and
 //! a 4-byte readback per token, pipelined one step ahead). Then `profile_steps` more steps run
 //! back to back to separate the host's share (recording and submitting a step) from the GPU's
-//! (timestamps around each step's pass).
+//! (timestamps around each step's pass). Optionally, two views of where a step's GPU time
+//! goes: each dispatch timed in a pass of its own (`breakdown`), and the time a step saves
+//! without each kind of dispatch (`marginal`).
 
 use super::GpuTimer;
 use crate::error::{Error, Result};
@@ -39,6 +41,11 @@ pub struct DecodeRow {
     pub prefill_breakdown: Option<Vec<KernelShare>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefill_chunk: Option<u32>,
+    /// With `marginal`: per kernel kind, the GPU microseconds a decode step saves without
+    /// it (median step time of the whole step minus that of steps that leave the kind out),
+    /// in step order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub marginal: Option<Vec<KernelShare>>,
 }
 
 /// One kernel kind's share of a decode step.
@@ -55,6 +62,8 @@ pub struct DecodeBenchOptions {
     pub profile_steps: u32,
     /// Also time each dispatch of one step on its own.
     pub breakdown: bool,
+    /// Also time steps that leave out one kernel kind at a time.
+    pub marginal: bool,
 }
 
 impl DecodeBenchOptions {
@@ -108,10 +117,11 @@ pub fn run(model: &Arc<Model>, opts: &DecodeBenchOptions, on_row: &mut dyn FnMut
         let breakdown = if opts.breakdown { by_kernel(&mut session, &ids, &gen)? } else { None };
         let (prefill_chunk, prefill_breakdown) =
             if opts.breakdown { prefill_by_kernel(&mut session)?.unzip() } else { (None, None) };
-        let gpu_ms = gpu_times.map(|mut t| {
-            t.sort_by(f64::total_cmp);
-            t[t.len() / 2] * 1e3
-        });
+        let gpu_ms = gpu_times.map(median_ms);
+        let marginal = match gpu_ms {
+            Some(full) if opts.marginal => Some(marginal(&mut session, &ids, &gen, opts.profile_steps, &timer, full)?),
+            _ => None,
+        };
         on_row(&DecodeRow {
             model: model.source.display().to_string(),
             adapter: model.gpu.describe(),
@@ -126,9 +136,39 @@ pub fn run(model: &Arc<Model>, opts: &DecodeBenchOptions, on_row: &mut dyn FnMut
             breakdown,
             prefill_breakdown,
             prefill_chunk,
+            marginal,
         });
     }
     Ok(())
+}
+
+/// Median of step times in seconds, in milliseconds.
+fn median_ms(mut t: Vec<f64>) -> f64 {
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2] * 1e3
+}
+
+/// For each kind of dispatch in a decode step after `ids`: generates `gen` again, times
+/// `steps` steps without that kind and returns `full_ms` minus their median, in us. Unlike
+/// the breakdown's own passes, this counts what the kind adds to a real step: its time, its
+/// barrier, and none of what overlaps it.
+fn marginal(
+    session: &mut Session,
+    ids: &[u32],
+    gen: &GenerateOptions,
+    steps: u32,
+    timer: &GpuTimer,
+    full_ms: f64,
+) -> Result<Vec<KernelShare>> {
+    let mut out = vec![];
+    for (kind, dispatches) in session.decode_kinds() {
+        session.reset();
+        session.generate(ids, &GenerateOptions { max_tokens: 2, ..gen.clone() }, |_, _| true)?;
+        let (_, times) = session.profile_decode_without(steps, timer, Some(kind))?;
+        let Some(times) = times else { continue };
+        out.push(KernelShare { kernel: kind, dispatches, us: (full_ms - median_ms(times)) * 1e3 });
+    }
+    Ok(out)
 }
 
 /// Generates `gen` after `ids` again, then times one step dispatch by dispatch and sums the

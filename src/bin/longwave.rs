@@ -124,6 +124,10 @@ enum BenchCmd {
         /// Also time each dispatch of one decode step on its own and sum by kernel.
         #[arg(long)]
         breakdown: bool,
+        /// Also time decode steps that leave out one kernel kind at a time (their outputs
+        /// are meaningless): what each kind adds to a step.
+        #[arg(long)]
+        marginal: bool,
     },
     /// Every kernel at SmolLM2-135M and Llama-3-8B shapes with GPU timestamps, against the
     /// adapter's copy bandwidth and f32 peak.
@@ -434,7 +438,9 @@ fn run(cli: Cli) -> longwave::Result<()> {
             longwave::model::convert::convert_to_hf(&files, &out)?;
             eprintln!("wrote {}", out.display());
         }
-        Cmd::Bench { what: BenchCmd::Decode { m, contexts, decode_tokens, profile_steps, json, breakdown } } => {
+        Cmd::Bench {
+            what: BenchCmd::Decode { m, contexts, decode_tokens, profile_steps, json, breakdown, marginal },
+        } => {
             let model = m.load()?;
             let contexts = if contexts.is_empty() {
                 let cap = m.ctx.unwrap_or(usize::MAX);
@@ -442,7 +448,7 @@ fn run(cli: Cli) -> longwave::Result<()> {
             } else {
                 contexts
             };
-            let opts = DecodeBenchOptions { contexts, decode_tokens, profile_steps, breakdown };
+            let opts = DecodeBenchOptions { contexts, decode_tokens, profile_steps, breakdown, marginal };
             if !json {
                 println!(
                     "{:>8} {:>12} {:>12} {:>10} {:>10} {:>10}",
@@ -477,6 +483,13 @@ fn run(cli: Cli) -> longwave::Result<()> {
                     if let (Some(b), Some(n)) = (&r.prefill_breakdown, r.prefill_chunk) {
                         println!("prefill chunk of {n} tokens (layers):");
                         print_shares(b);
+                    }
+                    if let (Some(m), Some(step_ms)) = (&r.marginal, r.gpu_ms_per_token) {
+                        println!("decode step without each kind (us saved, share of the {step_ms:.3} ms step):");
+                        for k in m {
+                            let pct = 100.0 * k.us / (step_ms * 1e3);
+                            println!("{:>12} {:>5} x {:>10.1} us {:>5.1}%", k.kernel, k.dispatches, k.us, pct);
+                        }
                     }
                 }
             })?;
