@@ -97,7 +97,9 @@ impl Embedding {
             if let Some(u) = &b.params {
                 queue.write_buffer(&u.buffer, 0, bytemuck::bytes_of(&n));
             }
-            *g = [g[0], groups_1d(n)[0], groups_1d(n)[1]];
+            // The column blocks stay; the tokens change.
+            let t = groups_1d(n);
+            *g = [g[0], t[0], t[1]];
         }
     }
 }
