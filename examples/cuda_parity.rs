@@ -340,11 +340,18 @@ fn attention(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result
     let theta = if sh.name.starts_with("llama3") { 500000f32 } else { 100000.0 };
     let inv_freq: Vec<f32> = (0..hd / 2).map(|i| theta.powf(-2.0 * i as f32 / hd as f32)).collect();
     let rope = gpu.upload("rope", &rope_table(&inv_freq, max_ctx))?;
-    // Both attention kernels (per query head; per head group, "_group") in each mode: decode
-    // (then the merge dispatch), decode merging its own splits, prefill.
+    // Every attention kernel (per query head; per head group, "_group"; head groups over short
+    // splits, "_wide", where the head size suits it) in each mode: decode (then the merge
+    // dispatch), decode merging its own splits (all but the wide kernel), prefill.
     let modes = [("decode", 1usize), ("merged", 1), ("prefill", 64)];
-    let kinds = [(AttendKind::PerHead, ""), (AttendKind::Grouped, "_group")];
-    for ((mode, n), (kind, suffix)) in modes.into_iter().flat_map(|m| kinds.map(|k| (m, k))) {
+    let mut kinds = vec![(AttendKind::PerHead, ""), (AttendKind::Grouped, "_group")];
+    if AttentionKernels::wide_supports(a) {
+        kinds.push((AttendKind::Wide, "_wide"));
+    }
+    for ((mode, n), &(kind, suffix)) in modes.into_iter().flat_map(|m| kinds.iter().map(move |k| (m, k))) {
+        if mode == "merged" && kind == AttendKind::Wide {
+            continue;
+        }
         let pos = max_ctx - n - 3;
         let splits = if n == 1 { Plan::decode_splits(gpu, max_ctx as u32) } else { 1 };
         let cache: Vec<f16> = rng.vec(2 * nkv * max_ctx * hd, 1.0).into_iter().map(f16::from_f32).collect();
@@ -377,7 +384,7 @@ fn attention(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result
                 AttentionKernels::attend_groups(a, splits, 1, kind),
             )]
         } else if n == 1 {
-            vec![(k.bind_attend_new_kv(gpu, &d), AttentionKernels::attend_groups(a, splits, 1, kind))]
+            vec![(k.bind_attend_new_kv(gpu, &d)?, AttentionKernels::attend_groups(a, splits, 1, kind))]
         } else {
             vec![
                 (
@@ -385,7 +392,7 @@ fn attention(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result
                     AttentionKernels::rope_groups(a, n as u32),
                 ),
                 (
-                    k.bind_attend(gpu, a, splits, &state, &q, &kb, &vb, &part, kind),
+                    k.bind_attend(gpu, a, splits, &state, &q, &kb, &vb, &part, kind)?,
                     AttentionKernels::attend_groups(a, splits, n as u32, kind),
                 ),
             ]

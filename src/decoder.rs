@@ -620,19 +620,18 @@ impl Decoder {
             let o_q8 = q8.and_then(|[_, _, quant]| k.mat(&l.o).q8.as_ref().map(|mq| (quant, mq)));
             let merge_q8 = o_q8.is_some() && sh.head_dim.is_multiple_of(32);
             let merge_out = if merge_q8 { &b.xq } else { &b.attn };
-            // Prefill uses one attention kernel; decode both, each recorded only for the
-            // steps whose key count it suits (AttentionKernels::decode_kind).
+            // Prefill uses one attention kernel; decode each kernel some key count up to the
+            // context calls for, recorded only for the steps it suits
+            // (AttentionKernels::decode_kind). The wide kernel never merges its own splits.
             let kinds = if prefill {
                 vec![AttentionKernels::prefill_kind(sh)]
-            } else if AttentionKernels::decode_kind(sh, splits, plan.max_ctx) == AttendKind::Grouped {
-                vec![AttendKind::PerHead, AttendKind::Grouped]
             } else {
-                vec![AttendKind::PerHead]
+                AttentionKernels::decode_kinds(sh, splits, plan.max_ctx)
             };
             for kind in kinds {
                 let (kc, vc) = (&b.k_cache[i], &b.v_cache[i]);
                 if prefill {
-                    let bound = k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, kc, vc, &b.part, kind);
+                    let bound = k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, kc, vc, &b.part, kind)?;
                     push(
                         &mut steps,
                         "attend",
@@ -650,8 +649,8 @@ impl Decoder {
                 };
                 let (state, rope, qkv, part) = (&b.state, &b.rope, &b.qkv, &b.part);
                 let decode = DecodeAttention { sh, splits, kind, state, rope, qkv, k_cache: kc, v_cache: vc, part };
-                push(&mut steps, "attend", k.attn.bind_attend_new_kv(gpu, &decode), Box::new(move |s| when(s, false)));
-                if merged_attn {
+                push(&mut steps, "attend", k.attn.bind_attend_new_kv(gpu, &decode)?, Box::new(move |s| when(s, false)));
+                if merged_attn && kind != AttendKind::Wide {
                     let bound = k.attn.bind_attend_merged(gpu, &decode, &b.arrivals, merge_out, merge_q8)?;
                     push(&mut steps, "attend", bound, Box::new(move |s| when(s, true)));
                 }

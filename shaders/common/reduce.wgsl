@@ -51,20 +51,21 @@ fn wg_max(v: f32, lid: u32, wg: u32, sgs: u32, sgl: u32) -> f32 {
 #endif
 }
 
-// The same for one vec4 per invocation (four reductions at once).
+// The same for one vec4 per invocation (four reductions at once), over invocations 0..wg;
+// a larger workgroup's other invocations only take part in the barriers.
 var<workgroup> red_buf4: array<vec4<f32>, 64>;
 
 fn wg_sum4(v: vec4<f32>, lid: u32, wg: u32, sgs: u32, sgl: u32) -> vec4<f32> {
 #if SUBGROUPS
     let s = subgroupAdd(v);
-    if (sgl == 0u) { red_buf4[lid / sgs] = s; }
+    if (sgl == 0u && lid < wg) { red_buf4[lid / sgs] = s; }
     workgroupBarrier();
     var t = vec4<f32>(0.0);
     for (var i = 0u; i < wg / sgs; i++) { t += red_buf4[i]; }
     workgroupBarrier();
     return t;
 #else
-    red_buf4[lid] = v;
+    if (lid < wg) { red_buf4[lid] = v; }
     workgroupBarrier();
     for (var s = wg / 2u; s > 0u; s >>= 1u) {
         if (lid < s) { red_buf4[lid] += red_buf4[lid + s]; }
@@ -79,14 +80,14 @@ fn wg_sum4(v: vec4<f32>, lid: u32, wg: u32, sgs: u32, sgl: u32) -> vec4<f32> {
 fn wg_max4(v: vec4<f32>, lid: u32, wg: u32, sgs: u32, sgl: u32) -> vec4<f32> {
 #if SUBGROUPS
     let s = subgroupMax(v);
-    if (sgl == 0u) { red_buf4[lid / sgs] = s; }
+    if (sgl == 0u && lid < wg) { red_buf4[lid / sgs] = s; }
     workgroupBarrier();
     var t = red_buf4[0];
     for (var i = 1u; i < wg / sgs; i++) { t = max(t, red_buf4[i]); }
     workgroupBarrier();
     return t;
 #else
-    red_buf4[lid] = v;
+    if (lid < wg) { red_buf4[lid] = v; }
     workgroupBarrier();
     for (var s = wg / 2u; s > 0u; s >>= 1u) {
         if (lid < s) { red_buf4[lid] = max(red_buf4[lid], red_buf4[lid + s]); }

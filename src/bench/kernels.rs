@@ -406,26 +406,31 @@ impl Bench<'_> {
                 let bytes = ((nh + 2 * nkv) * hd * 4 + nh * hd * 4 + 2 * nkv * hd * 2 + hd * 4) as f64;
                 on_row(&row("rope_kv", format!("pos={}", ctx - 1), s, bytes, 0.0));
             }
-            // Both attention kernels (per query head, per head group); decode picks one by
-            // the keys per split (AttentionKernels::decode_kind), prefill by the group size.
-            // Decode times the variant it runs: rotary embedding and cache append included.
-            // The decode kernels also merging their splits themselves: attend_merged (no
+            // The attention kernels (per query head, per head group, head groups over short
+            // splits where the head size suits it); decode picks one by the keys per split
+            // (AttentionKernels::decode_kind), prefill by the group size. Decode times the
+            // variant it runs: rotary embedding and cache append included. The decode kernels
+            // also merging their splits themselves (all but the wide one): attend_merged (no
             // attn_merge dispatch after them).
-            let kinds = [(AttendKind::PerHead, ""), (AttendKind::Grouped, "_group")];
+            let mut kinds = vec![(AttendKind::PerHead, ""), (AttendKind::Grouped, "_group")];
+            if AttentionKernels::wide_supports(a) {
+                kinds.push((AttendKind::Wide, "_wide"));
+            }
             let arrivals = gpu.storage("arrivals", a.arrival_words() * 4)?;
-            for (kind, suffix) in kinds {
+            for &(kind, suffix) in &kinds {
                 let (state, rope, qkv, part) = (&decode_state, &rope, &qkv, &part);
                 let d = DecodeAttention { sh: a, splits, kind, state, rope, qkv, k_cache: &kc, v_cache: &vc, part };
                 let used = if AttentionKernels::decode_kind(a, splits, ctx) == kind { " (used)" } else { "" };
                 for merged in [false, true] {
                     let name = format!("{}{suffix}", if merged { "attend_merged" } else { "attend_decode" });
-                    if !self.wanted(&name) || (merged && !AttentionKernels::merged_fits(gpu)) {
+                    let merges = AttentionKernels::merged_fits(gpu) && kind != AttendKind::Wide;
+                    if !self.wanted(&name) || (merged && !merges) {
                         continue;
                     }
                     let b = if merged {
                         k.bind_attend_merged(gpu, &d, &arrivals, &out, false)?
                     } else {
-                        k.bind_attend_new_kv(gpu, &d)
+                        k.bind_attend_new_kv(gpu, &d)?
                     };
                     let s = self.time_sets(&[vec![(b, AttentionKernels::attend_groups(a, splits, 1, kind))]])?;
                     let flops = 4.0 * (nh * hd * ctx) as f64;
@@ -438,14 +443,14 @@ impl Bench<'_> {
                 let bytes = (a.partial_floats(1, splits) * 4 + (nh * hd * 4) as u64) as f64;
                 on_row(&row("attn_merge", format!("splits={splits}"), s, bytes, 0.0));
             }
-            for (kind, suffix) in kinds {
+            for &(kind, suffix) in &kinds[..2] {
                 let name = format!("attend_prefill{suffix}");
                 if !self.wanted(&name) || ctx < t {
                     continue;
                 }
                 // The last chunk of a prompt of `ctx` tokens: t queries over up to ctx keys.
                 let state = gpu.upload("state", &[ctx - t, t, 0, 0])?;
-                let b = k.bind_attend(gpu, a, 1, &state, &q, &kc, &vc, &part, kind);
+                let b = k.bind_attend(gpu, a, 1, &state, &q, &kc, &vc, &part, kind)?;
                 let s = self.time_sets(&[vec![(b, AttentionKernels::attend_groups(a, 1, t, kind))]])?;
                 let keys = (ctx - t) as f64 * t as f64 + (t as f64 * (t as f64 + 1.0)) / 2.0;
                 let flops = 4.0 * (nh * hd) as f64 * keys;

@@ -17,6 +17,7 @@ const ATTEND_WGSL: &str = include_str!("../../shaders/attention/attend.wgsl");
 const ATTEND_GROUP_WGSL: &str = include_str!("../../shaders/attention/attend_group.wgsl");
 const MERGE_WGSL: &str = include_str!("../../shaders/attention/attn_merge.wgsl");
 const ATTEND_MERGE_WGSL: &str = include_str!("../../shaders/attention/attend_merge.wgsl");
+const ATTEND_WIDE_WGSL: &str = include_str!("../../shaders/attention/attend_wide.wgsl");
 
 /// Head shapes shared by the attention kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,12 +117,15 @@ pub fn rope_table(inv_freq: &[f32], max_ctx: usize) -> Vec<[f32; 2]> {
     t
 }
 
-/// The two attention kernels: one query head per workgroup (attend.wgsl), or the query heads
-/// of one KV head together (attend_group.wgsl), reading the cache once for all of them.
+/// The attention kernels: one query head per workgroup (attend.wgsl), or the query heads of
+/// one KV head together (attend_group.wgsl), reading the cache once for all of them; or the
+/// query heads of one KV head over short splits with 256 invocations, every load of a key
+/// tile in one round (attend_wide.wgsl).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttendKind {
     PerHead,
     Grouped,
+    Wide,
 }
 
 /// What a decode step's attention reads and writes ([`AttentionKernels::bind_attend_new_kv`],
@@ -152,11 +156,6 @@ impl<'a> DecodeAttention<'a> {
 
 pub struct AttentionKernels {
     rope: Arc<wgpu::ComputePipeline>,
-    attend: Arc<wgpu::ComputePipeline>,
-    attend_group: Arc<wgpu::ComputePipeline>,
-    /// The decode variants with the rotary embedding and cache append fused in.
-    attend_new_kv: Arc<wgpu::ComputePipeline>,
-    attend_group_new_kv: Arc<wgpu::ComputePipeline>,
     /// The merge for one split (prefill) and for several (see attn_merge.wgsl).
     merge: [Arc<wgpu::ComputePipeline>; 2],
 }
@@ -167,20 +166,58 @@ impl AttentionKernels {
 
     pub fn new(gpu: &Gpu) -> Result<AttentionKernels> {
         let f = gpu.flags();
-        let attend_key = |name, src| PipelineKey::new(name, &[REDUCE_WGSL, KV_WGSL, ATTEND_COMMON_WGSL, src], f);
-        // The decode variants rotate with the rope table's angles too (after the bindings).
-        let new_kv_key = |name, src| {
-            PipelineKey::new(name, &[REDUCE_WGSL, KV_WGSL, ATTEND_COMMON_WGSL, ROPE_ANGLES_WGSL, src], f)
-                .define("NEW_KV")
-        };
         Ok(AttentionKernels {
             rope: gpu.pipeline(&PipelineKey::new("rope_kv", &[KV_WGSL, ROPE_ANGLES_WGSL, ROPE_WGSL], f))?,
-            attend: gpu.pipeline(&attend_key("attend", ATTEND_WGSL))?,
-            attend_group: gpu.pipeline(&attend_key("attend_group", ATTEND_GROUP_WGSL))?,
-            attend_new_kv: gpu.pipeline(&new_kv_key("attend", ATTEND_WGSL))?,
-            attend_group_new_kv: gpu.pipeline(&new_kv_key("attend_group", ATTEND_GROUP_WGSL))?,
             merge: [Self::merge_pipeline(gpu, Self::MERGE_ONE)?, Self::merge_pipeline(gpu, Self::MERGE_MANY)?],
         })
+    }
+
+    /// The variant of attention kernel `kind`: `new_kv` for decode (rotary embedding and cache
+    /// append inside), `merge` = Some(q8) for decode that merges its own splits.
+    fn attend_pipeline(
+        gpu: &Gpu,
+        kind: AttendKind,
+        sh: AttnShape,
+        new_kv: bool,
+        merge: Option<bool>,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let (name, src) = match kind {
+            AttendKind::PerHead => ("attend", ATTEND_WGSL),
+            AttendKind::Grouped => ("attend_group", ATTEND_GROUP_WGSL),
+            AttendKind::Wide => ("attend_wide", ATTEND_WIDE_WGSL),
+        };
+        if kind == AttendKind::Wide && !Self::wide_supports(sh) {
+            return Err(Error::InvalidArgument(format!(
+                "the wide attention kernel takes heads of 64 or 128 values, not {}",
+                sh.head_dim
+            )));
+        }
+        let mut sources = vec![REDUCE_WGSL, KV_WGSL, ATTEND_COMMON_WGSL];
+        // The decode variants rotate with the rope table's angles too (after the bindings).
+        if new_kv {
+            sources.push(ROPE_ANGLES_WGSL);
+        }
+        if merge.is_some() {
+            if kind == AttendKind::Wide {
+                return Err(Error::Unsupported("the wide attention kernel does not merge its splits".into()));
+            }
+            sources.push(ATTEND_MERGE_WGSL);
+        }
+        sources.push(src);
+        let mut key = PipelineKey::new(name, &sources, gpu.flags());
+        if new_kv {
+            key = key.define("NEW_KV");
+        }
+        if let Some(q8) = merge {
+            key = key.define("MERGE_LAST");
+            if q8 {
+                key = key.define("Q8_OUT");
+            }
+        }
+        if kind == AttendKind::Wide && sh.head_dim == 64 {
+            key = key.define("HD64");
+        }
+        gpu.pipeline(&key)
     }
 
     /// From qkv `[n][n_heads + 2 n_kv][hd]` (q heads, k heads, v heads): rotated queries into
@@ -231,12 +268,9 @@ impl AttentionKernels {
         v_cache: &GpuBuffer,
         part: &GpuBuffer,
         kind: AttendKind,
-    ) -> Bound {
-        let pipeline = match kind {
-            AttendKind::PerHead => &self.attend,
-            AttendKind::Grouped => &self.attend_group,
-        };
-        Self::bind_attend_params(gpu, pipeline, AttendParams::new(sh, splits), &[state, q, k_cache, v_cache, part])
+    ) -> Result<Bound> {
+        let pipeline = Self::attend_pipeline(gpu, kind, sh, false, None)?;
+        Ok(Self::bind_attend_params(gpu, &pipeline, AttendParams::new(sh, splits), &[state, q, k_cache, v_cache, part]))
     }
 
     /// `params`, then `buffers` in binding order.
@@ -259,12 +293,9 @@ impl AttentionKernels {
     /// new key and value rotated, used and appended to the cache in the same dispatch, so the
     /// step needs no rope_kv dispatch. Steps of several tokens (prefill) use rope_kv and
     /// [`AttentionKernels::bind_attend`].
-    pub fn bind_attend_new_kv(&self, gpu: &Gpu, d: &DecodeAttention) -> Bound {
-        let pipeline = match d.kind {
-            AttendKind::PerHead => &self.attend_new_kv,
-            AttendKind::Grouped => &self.attend_group_new_kv,
-        };
-        Self::bind_attend_params(gpu, pipeline, AttendParams::new(d.sh, d.splits), &d.buffers())
+    pub fn bind_attend_new_kv(&self, gpu: &Gpu, d: &DecodeAttention) -> Result<Bound> {
+        let pipeline = Self::attend_pipeline(gpu, d.kind, d.sh, true, None)?;
+        Ok(Self::bind_attend_params(gpu, &pipeline, AttendParams::new(d.sh, d.splits), &d.buffers()))
     }
 
     /// Whether the adapter runs [`AttentionKernels::bind_attend_merged`]: it binds eight
@@ -305,16 +336,7 @@ impl AttentionKernels {
                 out.size, arrivals.size
             )));
         }
-        let src = match kind {
-            AttendKind::PerHead => ("attend", ATTEND_WGSL),
-            AttendKind::Grouped => ("attend_group", ATTEND_GROUP_WGSL),
-        };
-        let sources = [REDUCE_WGSL, KV_WGSL, ATTEND_COMMON_WGSL, ROPE_ANGLES_WGSL, ATTEND_MERGE_WGSL, src.1];
-        let mut key = PipelineKey::new(src.0, &sources, gpu.flags()).define("NEW_KV").define("MERGE_LAST");
-        if q8 {
-            key = key.define("Q8_OUT");
-        }
-        let pipeline = gpu.pipeline(&key)?;
+        let pipeline = Self::attend_pipeline(gpu, kind, sh, true, Some(q8))?;
         let params = AttendParams { q8_stride: q8_stride as u32, ..AttendParams::new(sh, splits) };
         let [state, qkv, k_cache, v_cache, part, rope] = d.buffers();
         Ok(Self::bind_attend_params(gpu, &pipeline, params, &[state, qkv, k_cache, v_cache, part, rope, arrivals, out]))
@@ -332,9 +354,13 @@ impl AttentionKernels {
     /// Whether a decode step with `keys` keys merges its splits in the attention kernel
     /// (the one [`AttentionKernels::decode_kind`] picks) rather than in a merge dispatch.
     pub fn merges_in_attention(sh: AttnShape, splits: u32, keys: u32) -> bool {
+        // The wide kernel's merge spreads its (up to four) heads over four times the
+        // invocations: as many values per invocation as one head with 64.
         let heads = match Self::decode_kind(sh, splits, keys) {
             AttendKind::PerHead => 1,
             AttendKind::Grouped => (sh.n_heads / sh.n_kv).min(4),
+            // Used only where the splits are too many to merge.
+            AttendKind::Wide => return false,
         };
         Self::used_splits(splits, keys) * heads * sh.head_dim <= Self::MERGED_MAX_VALUES
     }
@@ -359,13 +385,43 @@ impl AttentionKernels {
         keys.div_ceil(Self::used_splits(splits, keys))
     }
 
-    /// The kernel for a decode step over `keys` keys.
+    /// Head sizes the wide kernel takes: its loads per invocation (head_dim / 16 key words
+    /// and values each) are unrolled over a constant.
+    pub fn wide_supports(sh: AttnShape) -> bool {
+        sh.head_dim == 64 || sh.head_dim == 128
+    }
+
+    /// The kernel for a decode step over `keys` keys. With groups of at least
+    /// [`AttentionKernels::GROUP_MIN_HEADS`] query heads: per head while its splits merge
+    /// inside attention ([`AttentionKernels::merges_in_attention`]); then the wide kernel,
+    /// with a merge dispatch after it, up to GROUP_MIN_KEYS keys per split; head groups from
+    /// there. On an H100 (8B shape, Q4_0, benches/RESULTS.md, round 13), GPU ms per token
+    /// against per head: 2K 2.70 / 2.72, 3K 2.76 / 2.92, 6K 3.24 / 3.29; at 8K (125 keys per
+    /// split) 3.28 against head groups' 3.19. At 1K (17 splits) a wide kernel that merged its
+    /// own splits lost to the per-head kernel's merge (2.64 against 2.58).
     pub fn decode_kind(sh: AttnShape, splits: u32, keys: u32) -> AttendKind {
-        if sh.n_heads / sh.n_kv >= Self::GROUP_MIN_HEADS && Self::keys_per_split(splits, keys) >= Self::GROUP_MIN_KEYS {
+        let grouped = sh.n_heads / sh.n_kv >= Self::GROUP_MIN_HEADS;
+        let per_split = Self::keys_per_split(splits, keys);
+        let per_head_merges = Self::used_splits(splits, keys) * sh.head_dim <= Self::MERGED_MAX_VALUES;
+        if grouped && per_split >= Self::GROUP_MIN_KEYS {
             AttendKind::Grouped
+        } else if grouped && !per_head_merges && Self::wide_supports(sh) {
+            AttendKind::Wide
         } else {
             AttendKind::PerHead
         }
+    }
+
+    /// Every kernel decode steps of 1 to `max_ctx` keys use, in order of key count.
+    pub fn decode_kinds(sh: AttnShape, splits: u32, max_ctx: u32) -> Vec<AttendKind> {
+        let mut kinds: Vec<AttendKind> = vec![];
+        for keys in 1..=max_ctx.max(1) {
+            let kind = Self::decode_kind(sh, splits, keys);
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        kinds
     }
 
     /// The kernel for prefill steps (one split, each query over all its keys).
@@ -381,7 +437,7 @@ impl AttentionKernels {
     pub fn attend_groups(sh: AttnShape, splits: u32, n: u32, kind: AttendKind) -> [u32; 3] {
         match kind {
             AttendKind::PerHead => [sh.n_heads, splits, n],
-            AttendKind::Grouped => [sh.n_kv * (sh.n_heads / sh.n_kv).div_ceil(4), splits, n],
+            AttendKind::Grouped | AttendKind::Wide => [sh.n_kv * (sh.n_heads / sh.n_kv).div_ceil(4), splits, n],
         }
     }
 
@@ -540,14 +596,21 @@ mod tests {
     /// Runs rope_kv + attend + merge for `n` new tokens after `past` cached ones (whose K/V
     /// are written by earlier steps of the same kernels) and checks q rotation, the cache
     /// contents and the attention output against f64 references; once with each attention
-    /// kernel (per head, head groups), and for one-token steps also with the decode variants
-    /// that rotate and append the new key themselves, with and without the merge inside.
+    /// kernel (per head, head groups, and the wide one where the head size suits it), and
+    /// for one-token steps also with the decode variants that rotate and append the new key
+    /// themselves, with and without the merge inside (the wide kernel has none).
     fn check(gpu: &Gpu, sh: AttnShape, past: usize, n: usize, splits: u32, seed: u64) {
-        for kind in [AttendKind::PerHead, AttendKind::Grouped] {
+        let mut kinds = vec![AttendKind::PerHead, AttendKind::Grouped];
+        if AttentionKernels::wide_supports(sh) {
+            kinds.push(AttendKind::Wide);
+        }
+        for kind in kinds {
             check_kind(gpu, sh, past, n, splits, seed, kind, Mode::Separate);
             if n == 1 {
                 check_kind(gpu, sh, past, n, splits, seed, kind, Mode::NewKv);
-                check_kind(gpu, sh, past, n, splits, seed, kind, Mode::Merged);
+                if kind != AttendKind::Wide {
+                    check_kind(gpu, sh, past, n, splits, seed, kind, Mode::Merged);
+                }
             }
         }
     }
@@ -587,7 +650,7 @@ mod tests {
         let kq = nh * hd;
         let xq = gpu.storage("xq", (crate::kernels::quantize::q8_words(kq) * 4) as u64).unwrap();
         let rb = k.bind_rope_kv(gpu, sh, &state, &rope, &qkvb, &qb, &kc, &vc);
-        let ab = k.bind_attend(gpu, sh, splits, &state, &qb, &kc, &vc, &part, kind);
+        let ab = k.bind_attend(gpu, sh, splits, &state, &qb, &kc, &vc, &part, kind).unwrap();
         let decode = DecodeAttention {
             sh,
             splits,
@@ -599,7 +662,7 @@ mod tests {
             v_cache: &vc,
             part: &part,
         };
-        let fb = k.bind_attend_new_kv(gpu, &decode);
+        let fb = k.bind_attend_new_kv(gpu, &decode).unwrap();
         let merged = |out: &GpuBuffer, q8: bool| k.bind_attend_merged(gpu, &decode, &arrivals, out, q8);
         let mb = k.bind_merge(gpu, sh, splits, &state, &part, &out);
         let groups = |cnt: usize| AttentionKernels::attend_groups(sh, splits, cnt as u32, kind);
@@ -722,6 +785,32 @@ mod tests {
         // All 64 splits in use at a long context (65 tiles), and few of them at a short one.
         check(gpu, AttnShape { n_heads: 2, n_kv: 1, head_dim: 8, max_ctx: 4200 }, 4150, 1, 64, 8);
         check(gpu, AttnShape { n_heads: 2, n_kv: 1, head_dim: 8, max_ctx: 4200 }, 200, 2, 64, 9);
+        // Splits of several tiles (520 keys each) and the first step of an empty cache, at
+        // head sizes the wide kernel takes.
+        check(gpu, AttnShape { n_heads: 4, n_kv: 1, head_dim: 64, max_ctx: 4200 }, 4150, 1, 8, 12);
+        check(gpu, AttnShape { n_heads: 8, n_kv: 2, head_dim: 64, max_ctx: 100 }, 0, 1, 4, 13);
+    }
+
+    /// Which kernel decode steps use, by keys per split and head group size.
+    #[test]
+    fn decode_kernel_by_keys_per_split() {
+        let llama = AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 16384 };
+        let smol = AttnShape { n_heads: 9, n_kv: 3, head_dim: 64, max_ctx: 8192 };
+        let kind = AttentionKernels::decode_kind;
+        // Splits that merge inside attention (up to 24 of 128 values): per head; then the
+        // wide kernel up to 99 keys per split; then head groups.
+        assert_eq!(kind(llama, 64, 1), AttendKind::PerHead);
+        assert_eq!(kind(llama, 64, 24 * 64), AttendKind::PerHead);
+        assert_eq!(kind(llama, 64, 24 * 64 + 1), AttendKind::Wide);
+        assert_eq!(kind(llama, 64, 64 * 99), AttendKind::Wide);
+        assert_eq!(kind(llama, 64, 64 * 99 + 1), AttendKind::Grouped);
+        let kinds = AttentionKernels::decode_kinds(llama, 64, 16384);
+        assert_eq!(kinds, [AttendKind::PerHead, AttendKind::Wide, AttendKind::Grouped]);
+        // Three heads per KV head: per head at every length.
+        assert_eq!(AttentionKernels::decode_kinds(smol, 64, 8192), [AttendKind::PerHead]);
+        // Heads the wide kernel does not take.
+        let big = AttnShape { head_dim: 256, ..llama };
+        assert_eq!(kind(big, 64, 4000), AttendKind::PerHead);
     }
 
     /// Which decode steps merge inside attention: few partial values per merging workgroup.
