@@ -71,6 +71,24 @@ fn split_keys(s: u32, t: u32) -> vec2<u32> {
     return vec2<u32>(k0, min(k0 + chunk, n_keys));
 }
 
+// Head group g (the workgroup's x index) of the kernels that take the query heads of one KV
+// head four at a time, one vec4 component each (attend_group.wgsl, attend_wide.wgsl): KV
+// head kh, query heads h0 .. h0 + nh (nh 1 to 4); `first` for the first group of kh.
+struct HeadGroup {
+    kh: u32,
+    h0: u32,
+    nh: u32,
+    first: bool,
+}
+
+fn head_group(g: u32) -> HeadGroup {
+    let group = p.n_heads / p.n_kv;
+    let n_hg = (group + 3u) / 4u;
+    let kh = g / n_hg;
+    let h0 = kh * group + (g % n_hg) * 4u;
+    return HeadGroup(kh, h0, min(4u, (kh + 1u) * group - h0), g % n_hg == 0u);
+}
+
 // Words d0, d0 + 4, .. of this invocation's four keys of the tile (key g * 16 + lid / 4, as
 // entries g * KW ..): keys past k1 read key k1 - 1 and words past the row its last word, for
 // the caller to mask.

@@ -38,7 +38,6 @@ fn main(
     let sgs = 1u;
     let sgl = 0u;
 #endif
-    let group = p.n_heads / p.n_kv;
     let s = wid.y;
     let t = wid.z;
     if (t >= state[1]) { return; }
@@ -47,10 +46,10 @@ fn main(
     let k0 = range.x;
     let k1 = range.y;
     // This workgroup's query heads: h0 .. h0 + nh, all of KV head kh.
-    let n_hg = (group + HPW - 1u) / HPW;
-    let kh = wid.x / n_hg;
-    let h0 = kh * group + (wid.x % n_hg) * HPW;
-    let nh = min(HPW, (kh + 1u) * group - h0);
+    let hg = head_group(wid.x);
+    let kh = hg.kh;
+    let h0 = hg.h0;
+    let nh = hg.nh;
     let hd4 = p.hd / 4u;
     let pos = state[0] + t;
     for (var i = lid; i < HPW * 64u; i += WG) {
@@ -148,7 +147,7 @@ fn main(
         }
         m = m_new;
         // The first head group of each KV head stores the new row (hd / 4 words).
-        if (wid.x % n_hg == 0u && lid < hd4 && pos < p.max_ctx) { store_new_kv(t, kh, lid, pos); }
+        if (hg.first && lid < hd4 && pos < p.max_ctx) { store_new_kv(t, kh, lid, pos); }
     }
 #endif
     for (var i = 0u; i < HPW; i++) { s_sh[i * 64u + lid] = o[i]; }

@@ -60,7 +60,6 @@ fn main(
     let sgs = 1u;
     let sgl = 0u;
 #endif
-    let group = p.n_heads / p.n_kv;
     let s = wid.y;
     let t = wid.z;
     if (t >= state[1]) { return; }
@@ -68,10 +67,10 @@ fn main(
     if (range.x >= range.y) { return; }
     let k0 = range.x;
     let k1 = range.y;
-    let n_hg = (group + HPW - 1u) / HPW;
-    let kh = wid.x / n_hg;
-    let h0 = kh * group + (wid.x % n_hg) * HPW;
-    let nh = min(HPW, (kh + 1u) * group - h0);
+    let hg = head_group(wid.x);
+    let kh = hg.kh;
+    let h0 = hg.h0;
+    let nh = hg.nh;
     let pos = state[0] + t;
     if (lid < HPW * HD4) {
         let hi = lid / HD4;
@@ -157,7 +156,7 @@ fn main(
     }
 #if NEW_KV
     // The first head group of each KV head appends the step's key and value (hd / 4 words).
-    if (k1 > pos && wid.x % n_hg == 0u && lid < HD4 && pos < p.max_ctx) { store_new_kv(t, kh, lid, pos); }
+    if (k1 > pos && hg.first && lid < HD4 && pos < p.max_ctx) { store_new_kv(t, kh, lid, pos); }
 #endif
     put_pair(o[0], o[1], 0u, t, h0, nh, s, lid);
     put_pair(o[2], o[3], 2u, t, h0, nh, s, lid);
