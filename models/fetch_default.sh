@@ -19,7 +19,9 @@ SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 log() { printf 'fetch_default: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# Run as a file, BASH_SOURCE names it; run through `bash -c` (the CLI runs its compiled-in
+# copy so, always with CACHE_DIR) there is none, and $0 stands in.
+script_dir="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" && pwd)"
 repo_root="$(cd "$script_dir/.." && pwd)"
 
 if [[ $# -ge 1 && -n "$1" ]]; then
