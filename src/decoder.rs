@@ -535,6 +535,12 @@ impl Decoder {
         let layer_f32_norm: Vec<bool> = (0..w.layers.len())
             .map(|i| !prefill && !fuse_norm && !layer_q8[i] && MatVec::norm_scale_fits(c.hidden_size))
             .collect();
+        // The attention kernels the steps of this graph use, the same in every layer.
+        let attend_kinds = if prefill {
+            vec![AttentionKernels::prefill_kind(sh)]
+        } else {
+            AttentionKernels::decode_kinds(sh, splits, plan.max_ctx)
+        };
         // The previous layer's down product wrote this layer's normalised input (8-bit or f32).
         let mut norm_in = false;
         for (i, l) in w.layers.iter().enumerate() {
@@ -621,14 +627,9 @@ impl Decoder {
             let merge_q8 = o_q8.is_some() && sh.head_dim.is_multiple_of(32);
             let merge_out = if merge_q8 { &b.xq } else { &b.attn };
             // Prefill uses one attention kernel; decode each kernel some key count up to the
-            // context calls for, recorded only for the steps it suits
+            // context calls for (attend_kinds), recorded only for the steps it suits
             // (AttentionKernels::decode_kind). The wide kernel never merges its own splits.
-            let kinds = if prefill {
-                vec![AttentionKernels::prefill_kind(sh)]
-            } else {
-                AttentionKernels::decode_kinds(sh, splits, plan.max_ctx)
-            };
-            for kind in kinds {
+            for &kind in &attend_kinds {
                 let (kc, vc) = (&b.k_cache[i], &b.v_cache[i]);
                 if prefill {
                     let bound = k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, kc, vc, &b.part, kind)?;
