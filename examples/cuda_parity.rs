@@ -196,6 +196,31 @@ fn products(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<
                         json!({"op": "swiglu_q8", "w": gu_name, "input": input, "scaled": scaled,
                         "dtype": dtype.name(), "rows": f, "cols": h, "eps": 1e-5}),
                     );
+                    // Down (h x f) with the norm output, from the plain SwiGLU blocks: the
+                    // layout decode uses for it (at the 8B shape, the staged vector).
+                    if !scaled {
+                        let wd = quantize(dtype, &rng.vec(h * f, 0.1));
+                        let dm = GpuMatrix::upload(gpu, "down", dtype, h, f, &wd)?;
+                        let (yb, xn) = (gpu.upload("y", &y0[..h])?, gpu.storage("xq_norm", nw as u64 * 4)?);
+                        let k = MatVec::with_q8_norm_output(gpu, dtype)?;
+                        run(gpu, &k.bind_add_norm_q8(gpu, &dm, &ob, &yb, &gb, &xn, 1)?)?;
+                        let down_case = format!("{}/matvec_q8_norm_down/{}", sh.name, dtype.name());
+                        out.raw(format!("{down_case}/w"), Dtype::U8, &[wd.len()], wd);
+                        out.f32(format!("{down_case}/y0"), &[1, h], &y0[..h]);
+                        out.f32(format!("{down_case}/g"), &[h], &g);
+                        out.f32(format!("{down_case}/y"), &[1, h], &gpu.read(&yb, 0, h)?);
+                        let words: Vec<u32> = gpu.read(&xn, 0, nw)?;
+                        out.raw(
+                            format!("{down_case}/words"),
+                            Dtype::U8,
+                            &[nw * 4],
+                            bytemuck::cast_slice(&words).to_vec(),
+                        );
+                        out.case(
+                            &down_case,
+                            json!({"op": "matvec_q8_norm", "q8": case, "dtype": dtype.name(), "rows": h, "cols": f}),
+                        );
+                    }
                 }
             }
         }

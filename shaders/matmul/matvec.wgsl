@@ -44,6 +44,8 @@
 // after one another in xn_out (f32_norm_stride).
 // FSCALE (XVEC): x is such a vector; the workgroup sums the NORM_PARTS sums into 1 / rms and
 // scales its dot products by it, as NSCALE does.
+// XSTAGE (XQ8, no SWIGLU): the 8-bit vector is copied to workgroup memory first and each
+// invocation takes two blocks per pass (MatVec::q8_norm_staged says where).
 // XG: the main loop reads x from workgroup memory (xg), filled by NORM or MERGE.
 // Bindings and parameters: products.wgsl; the norm weight or the merge's step state follows
 // them.
@@ -111,6 +113,15 @@ fn block_q8(qv: f32, xv: f32, lid: u32, sgs: u32) -> QBlock {
     }
     return out;
 }
+#endif
+#if XSTAGE
+// The whole 8-bit vector (its bytes, then the (d, s) pairs) in workgroup memory, for up to
+// XSTAGE_VEC4 * 64 / 5 columns (14,745). With x read from here, an invocation's registers
+// hold little more than its weight loads, so it can keep two blocks' loads in flight: the
+// long-row products with one row per segment (Llama-3-8B's down: 14 blocks per invocation)
+// were bound by loads in flight, and two blocks with x in registers ran out of them.
+const XSTAGE_VEC4: u32 = 1152u;
+var<workgroup> xs: array<vec4<u32>, XSTAGE_VEC4>;
 #endif
 #if XQ8
 // Words per vector of quantize_q8.wgsl's layout: k / 4 words of bytes, then (d, s) per
@@ -339,6 +350,25 @@ fn main(
     for (var i = lid; i < nb; i += WG) { ss += bitcast<f32>(x[(sq0 + i) / 4u][(sq0 + i) % 4u]); }
 #endif
     let last_row = p.rows - 1u;
+#if XSTAGE
+    // The vector into workgroup memory once; then two blocks per pass, whose weight loads
+    // the unrolled inner loop puts in flight together (a block past the row is the row's
+    // last one again, weighed 0).
+    for (var i = lid; i < q8_words(p.k) / 4u; i += WG) { xs[i] = x[xb + i]; }
+    workgroupBarrier();
+    let xsd = p.k / 16u;
+    for (var kb0 = lane; kb0 < nb; kb0 += 2u * TPR) {
+        for (var u = 0u; u < 2u; u++) {
+            let live = kb0 + u * TPR < nb;
+            let kb = min(kb0 + u * TPR, nb - 1u);
+            let dsv = xs[xsd + (kb >> 1u)];
+            let ds = bitcast<vec2<f32>>(select(dsv.xy, dsv.zw, (kb & 1u) == 1u)) * select(0.0, 1.0, live);
+            for (var r = 0u; r < R; r++) {
+                acc_rows[r] += w_dot32q(0u, min(row0 + r, last_row), kb, xs[2u * kb], xs[2u * kb + 1u], ds);
+            }
+        }
+    }
+#else
     for (var kb = lane; kb < nb; kb += TPR) {
         let lo = x[xb + 2u * kb];
         let hi = x[xb + 2u * kb + 1u];
@@ -352,6 +382,7 @@ fn main(
 #endif
         }
     }
+#endif
 #else
 #if XVEC
     // Per row, partial sums that w_fold turns into the dot product.

@@ -356,6 +356,28 @@ pub fn q8_norm_workgroup(gpu: &Gpu, cols: usize) -> usize {
     8 * tpr.min(gpu.caps.max_invocations as usize / 8).max(8)
 }
 
+/// Whether a [`MatVec::with_q8_norm_output`] product of `cols` columns in workgroups of `wg`
+/// invocations, `tpr` per row, stages its 8-bit vector in workgroup memory (matvec.wgsl's
+/// XSTAGE, two blocks per pass): on GPUs, where an invocation walks 8 blocks of its row or
+/// more and the vector fits ([`staged_fits`]). Measured on H100s, 8B Q4_0 decode at 1K
+/// (benches/RESULTS.md, round 14), GPU ms per token: 2.540-2.551 -> 2.508-2.525 with
+/// Llama-3-8B's down product so (14 blocks per invocation); Wo (4 blocks) gained nothing,
+/// and two blocks per pass with x in registers lost (2.603).
+pub fn q8_norm_staged(gpu: &Gpu, cols: usize, wg: usize, tpr: u32) -> bool {
+    gpu.info.device_type != wgpu::DeviceType::Cpu && cols / 32 >= 8 * tpr as usize && staged_fits(gpu, cols, wg)
+}
+
+/// Whether matvec.wgsl's staged vector (XSTAGE_VEC4 vec4s) holds an 8-bit vector of `cols`
+/// columns and, with the workgroup's other arrays at `wg` invocations (a vec4 per
+/// invocation, two 32-float blocks), fits the adapter's workgroup storage.
+pub fn staged_fits(gpu: &Gpu, cols: usize, wg: usize) -> bool {
+    const XSTAGE_VEC4: usize = 1152;
+    let bytes = XSTAGE_VEC4 * 16 + wg * 16 + 256;
+    cols.is_multiple_of(32)
+        && q8_words(cols).div_ceil(4) <= XSTAGE_VEC4
+        && bytes <= gpu.caps.max_workgroup_storage as usize
+}
+
 /// Words per vector of an 8-bit vector with its blocks' sums of squares
 /// ([`MatVec::with_q8_norm_output`]): [`q8_words`], then one word per 32-value block, padded
 /// to whole vec4s (matvec.wgsl's q8_norm_stride).
@@ -458,6 +480,9 @@ pub struct MatVec {
     q8_norm_output: bool,
     /// The same for f32 vectors, in this layout ([`MatVec::with_norm_output`]).
     norm_output: Option<(usize, u32, usize)>,
+    /// Whether the 8-bit norm-output product stages its vector in workgroup memory, instead
+    /// of [`q8_norm_staged`]'s choice (tests of both paths).
+    staged: Option<bool>,
     /// Sums of squares the f32 vector of a norm-scaled product carries, instead of
     /// [`norm_output_parts`] (tests of other producer layouts).
     norm_parts: Option<usize>,
@@ -493,6 +518,7 @@ impl MatVec {
             q8_norm_output: false,
             norm_output: None,
             norm_parts: None,
+            staged: None,
         }
     }
 
@@ -510,6 +536,16 @@ impl MatVec {
             return Err(Error::InvalidArgument(format!("{rows} rows per matvec segment (1, 2 or 4)")));
         }
         self.rows_per_segment = Some(rows);
+        Ok(self)
+    }
+
+    /// Forces the staged vector of [`MatVec::with_q8_norm_output`] on or off (tests;
+    /// normally [`q8_norm_staged`] decides). Binding fails where it is on and does not fit.
+    pub fn with_staged_vector(mut self, on: bool) -> Result<MatVec> {
+        if !self.q8_norm_output {
+            return Err(Error::InvalidArgument("only a product with_q8_norm_output stages its vector".into()));
+        }
+        self.staged = Some(on);
         Ok(self)
     }
 
@@ -922,7 +958,17 @@ impl MatVec {
         if self.norm_scale.is_some() && wg > 256 {
             return Err(Error::InvalidArgument(format!("a norm scale takes at most 256 invocations, not {wg}")));
         }
-        let key = with_wg(self.key(gpu, true, (wg * r / 32) as u32).constant("R", r as u32), wg);
+        let tpr = (wg * r / 32) as u32;
+        let mut key = with_wg(self.key(gpu, true, tpr).constant("R", r as u32), wg);
+        if self.q8_norm_output && self.staged.unwrap_or_else(|| q8_norm_staged(gpu, w.cols, wg, tpr)) {
+            if !staged_fits(gpu, w.cols, wg) {
+                return Err(Error::InvalidArgument(format!(
+                    "a staged vector of {} columns at {wg} invocations does not fit the adapter's {} bytes of workgroup storage",
+                    w.cols, gpu.caps.max_workgroup_storage
+                )));
+            }
+            key = key.define("XSTAGE");
+        }
         let pipeline = gpu.pipeline(&key)?;
         Ok(bind_chunks(gpu, "matvec", &pipeline, mats, x, 0, tail, y, y_out, n, |rows| {
             [n as u32, (rows / 32) as u32, 1]
@@ -1558,6 +1604,7 @@ pub(crate) mod tests {
         n2: usize,
         t: usize,
         layout: Option<(usize, usize)>,
+        staged: Option<bool>,
         seed: u64,
     ) {
         use crate::kernels::quantize;
@@ -1576,9 +1623,16 @@ pub(crate) mod tests {
         if let Some((wg, r)) = layout {
             kern = kern.with_workgroup(wg).unwrap().with_rows_per_segment(r).unwrap();
         }
+        if let Some(on) = staged {
+            kern = kern.with_staged_vector(on).unwrap();
+        }
         let bound = kern.bind_add_norm_q8(gpu, &wm, &xb, &yb, &gb, &qb, t).unwrap();
         run_pass(gpu, |p| bound.iter().for_each(|(b, gr)| b.record(p, *gr))).unwrap();
-        let what = format!("q8-norm matvec {} N={n} K={k} T={t} (wg, R) {layout:?} {:?}", dtype.name(), gpu.flags());
+        let what = format!(
+            "q8-norm matvec {} N={n} K={k} T={t} (wg, R) {layout:?} staged {staged:?} {:?}",
+            dtype.name(),
+            gpu.flags()
+        );
         let y: Vec<f32> = gpu.read(&yb, 0, t * n).unwrap();
         let s: Vec<f64> = abs_scale(&wd, &xd, n, k).iter().zip(&y0).map(|(s, y)| s + y.abs() as f64).collect();
         check(&what, &y, &reference_add(&y0, &wd, &xd, n, k), &s);
@@ -1639,15 +1693,34 @@ pub(crate) mod tests {
     fn matvec_q8_norm_output() {
         for gpu in variants() {
             for (i, dtype) in [DType::Q8_0, DType::Q4_0, DType::Q4_1].into_iter().enumerate() {
-                q8_norm_case(gpu, dtype, 64, 96, 37, 2, None, 60 + i as u64);
-                q8_norm_case(gpu, dtype, 576, 576, 96, 1, Some(([64, 128, 256][i], [1, 2, 4][i])), 63 + i as u64);
+                q8_norm_case(gpu, dtype, 64, 96, 37, 2, None, None, 60 + i as u64);
+                q8_norm_case(gpu, dtype, 576, 576, 96, 1, Some(([64, 128, 256][i], [1, 2, 4][i])), None, 63 + i as u64);
+                // The staged vector: a row shorter than one pass, and 9 passes whose last
+                // takes one block of two (2 invocations per row, 18 blocks).
+                q8_norm_case(gpu, dtype, 64, 96, 37, 2, None, Some(true), 70 + i as u64);
+                q8_norm_case(gpu, dtype, 96, 576, 64, 1, Some((64, 1)), Some(true), 73 + i as u64);
             }
         }
         // Llama-3-8B's Wo (4096 x 4096) into gate/up-sized rows, and its down product (4096 x
-        // 14336) in the layout GPUs use for it, once.
-        q8_norm_case(&variants()[0], DType::Q4_0, 4096, 4096, 256, 1, None, 66);
-        q8_norm_case(&variants()[0], DType::Q4_0, 4096, 14336, 64, 1, Some((1024, 1)), 67);
+        // 14336) in the layout GPUs use for it, once, and staged (in 512 invocations, which
+        // fit lavapipe's 32 KiB of workgroup storage).
+        q8_norm_case(&variants()[0], DType::Q4_0, 4096, 4096, 256, 1, None, Some(false), 66);
+        q8_norm_case(&variants()[0], DType::Q4_0, 4096, 14336, 64, 1, Some((1024, 1)), Some(false), 67);
+        q8_norm_case(&variants()[0], DType::Q4_0, 4096, 14336, 64, 1, Some((512, 1)), Some(true), 68);
         let gpu = &variants()[0];
+        // The staging rule: GPUs only, 8 blocks per invocation and more, within the storage.
+        let gpu_adapter = gpu.info.device_type != wgpu::DeviceType::Cpu;
+        assert_eq!(q8_norm_staged(gpu, 14336, 512, 32), gpu_adapter && staged_fits(gpu, 14336, 512));
+        assert!(!q8_norm_staged(gpu, 4096, 1024, 32));
+        assert!(!staged_fits(gpu, 15040, 64) && staged_fits(gpu, 14720, 64));
+        // Forced on where the vector does not fit: refused at bind time.
+        let (q, _) = weights(DType::Q4_0, 32, 15040, &mut Rng::new(4));
+        let m = GpuMatrix::upload(gpu, "w", DType::Q4_0, 32, 15040, &q).unwrap();
+        let big = |n: usize| gpu.storage("b", 4 * n as u64).unwrap();
+        let staged = MatVec::with_q8_norm_output(gpu, DType::Q4_0).unwrap().with_staged_vector(true).unwrap();
+        let (xs, ys, gs, outs) = (big(q8_words(15040)), big(32), big(32), big(q8_norm_words(32)));
+        assert!(staged.bind_add_norm_q8(gpu, &m, &xs, &ys, &gs, &outs, 1).is_err());
+        assert!(MatVec::with_q8_input(gpu, DType::Q4_0, Epilogue::Add).unwrap().with_staged_vector(true).is_err());
         let k = MatVec::with_q8_norm_output(gpu, DType::Q4_0).unwrap();
         let mut rng = Rng::new(3);
         let (q, _) = weights(DType::Q4_0, 40, 64, &mut rng);

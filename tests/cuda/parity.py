@@ -136,11 +136,12 @@ def kernels(f, tol):
                 y = y + t(f"{case}/y0").double()
             report("kernel", case, rel(t(f"{case}/y"), y.float()), tol["matmul"])
         elif op == "matvec_q8_norm":
-            # x += Wo a, then x * g in 8-bit blocks (no 1 / rms) with each block's sum of squares.
+            # x += W a (Wo, or down: rows != cols), then x * g in 8-bit blocks (no 1 / rms) with
+            # each block's sum of squares.
             q, d, _ = q8_blocks(f.get_tensor(f"{m['q8']}/words"), m["cols"])
             a = (q.double() * d[:, None].double()).reshape(1, -1)
-            h = m["cols"]
-            w = dequant(f.get_tensor(f"{case}/w"), m["dtype"], h, h).double()
+            h = m.get("rows", m["cols"])
+            w = dequant(f.get_tensor(f"{case}/w"), m["dtype"], h, m["cols"]).double()
             y = t(f"{case}/y")
             report("kernel", case + " add", rel(y, (t(f"{case}/y0").double() + a @ w.T).float()), tol["matmul"])
             raw = f.get_tensor(f"{case}/words")
