@@ -300,6 +300,24 @@ fn products(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -> Result<
             out.raw(format!("{case}/ids"), Dtype::I32, &[t], bytemuck::cast_slice(&ids).to_vec());
             out.f32(format!("{case}/y"), &[t, h], &gpu.read(&ob, 0, t * h)?);
             out.case(&case, json!({"op": "embedding", "dtype": dtype.name(), "rows": sh.vocab, "cols": h}));
+            // The gather of decode steps with 8-bit vectors: the rows again, and each as the
+            // first layer's norm input (x * g in 8-bit blocks, sums of squares of x).
+            let g = rng.vec(h, 1.0);
+            let gb = gpu.upload("g", &g)?;
+            let nw = q8_norm_words(h);
+            let xq = gpu.storage("xq_norm", (t * nw) as u64 * 4)?;
+            let k = Embedding::with_q8_norm(gpu, dtype)?;
+            run(gpu, &k.bind_q8_norm(gpu, &em, &tb, 0, &ob, &gb, &xq, t)?)?;
+            let qcase = format!("{}/embedding_q8_norm/{}", sh.name, dtype.name());
+            out.f32(format!("{qcase}/g"), &[h], &g);
+            out.f32(format!("{qcase}/y"), &[t, h], &gpu.read(&ob, 0, t * h)?);
+            let words: Vec<u32> = gpu.read(&xq, 0, t * nw)?;
+            out.raw(format!("{qcase}/words"), Dtype::U8, &[t * nw * 4], bytemuck::cast_slice(&words).to_vec());
+            out.case(
+                &qcase,
+                json!({"op": "embedding_q8_norm", "table": case, "dtype": dtype.name(),
+                "rows": sh.vocab, "cols": h, "tokens": t, "words": nw}),
+            );
         }
     }
     Ok(())
@@ -343,8 +361,8 @@ fn norm_and_sampling(gpu: &Gpu, sh: &BenchShape, out: &mut Out, rng: &mut Rng) -
         let (state, tokens) = (gpu.storage("state", 16)?, gpu.storage("tokens", 16)?);
         let b = k.bind_sample(gpu, v as u32, &lb, &sb, &state, &tokens)?;
         let params = SamplingParams { temperature: 0.0, repetition_penalty: pen, ..Default::default() };
-        b[1].0.set_params(&gpu.queue, &SampleParams::new(v as u32, &params));
-        run(gpu, &b)?;
+        b.0.set_params(&gpu.queue, &SampleParams::new(v as u32, &params));
+        run(gpu, std::slice::from_ref(&b))?;
         let case = format!("{}/sample_greedy/penalty{pen}", sh.name);
         out.f32(format!("{case}/logits"), &[v], &logits);
         out.raw(format!("{case}/seen"), Dtype::I32, &[seen.len()], bytemuck::cast_slice(&seen).to_vec());

@@ -120,6 +120,9 @@ fn vector(gpu: &Gpu, files: &ModelFiles, name: &str) -> Result<GpuBuffer> {
 pub struct Kernels {
     pub norm: RmsNorm,
     pub embed: Embedding,
+    /// The gather that also writes the first layer's 8-bit norm input (decode steps whose
+    /// first layer takes 8-bit vectors); None where unused.
+    pub embed_q8_norm: Option<Embedding>,
     pub attn: AttentionKernels,
     pub sampling: SamplingKernels,
     /// Per weight format present in the model: the matvec and matmul variants.
@@ -216,10 +219,17 @@ impl Kernels {
         } else {
             None
         };
+        let embed_q8_norm = match q8 {
+            Some(_) if weights.embed.cols.is_multiple_of(32) => {
+                Some(Embedding::with_q8_norm(gpu, weights.embed.dtype)?)
+            }
+            _ => None,
+        };
         Ok(Kernels {
             q8,
             norm: RmsNorm::new(gpu)?,
             embed: Embedding::new(gpu, weights.embed.dtype)?,
+            embed_q8_norm,
             attn: AttentionKernels::new(gpu)?,
             sampling: SamplingKernels::new(gpu)?,
             mat,
@@ -513,11 +523,7 @@ impl Decoder {
         // the product or is a dispatch of its own.
         let q8k = if prefill { None } else { k.q8.as_ref() };
 
-        // Token ids -> hidden states.
         let embed_cols = w.embed.cols;
-        for (bound, _) in k.embed.bind(gpu, &w.embed, &b.tokens, 0, &b.x, rows as usize)? {
-            push(&mut steps, "embed", bound, Box::new(move |s| crate::kernels::embedding::groups(embed_cols, s.n)));
-        }
         // Whether layer i's products take 8-bit vectors (see q8 below).
         let fuse_norm =
             !prefill && c.hidden_size <= MatVec::NORM_MAX_COLS && gpu.info.device_type != wgpu::DeviceType::Cpu;
@@ -541,8 +547,30 @@ impl Decoder {
         } else {
             AttentionKernels::decode_kinds(sh, splits, plan.max_ctx)
         };
-        // The previous layer's down product wrote this layer's normalised input (8-bit or f32).
-        let mut norm_in = false;
+        // The LM head takes 8-bit vectors (the final norm is then a quantization in front of
+        // it, or the last down product's output).
+        let lm = w.lm_head();
+        let lm_q8 = q8k.is_some() && k.q8_all(&[lm]) && k.mat(lm).q8.is_some();
+        // Whether the products after layer i take the normalised input its down product can
+        // write: the next layer's, or after the last layer the LM head's (the final norm).
+        let next_q8 = |i: usize| layer_q8.get(i + 1).copied().unwrap_or(lm_q8);
+        let next_f32_norm = |i: usize| layer_f32_norm.get(i + 1).copied().unwrap_or(!prefill);
+        // Token ids -> hidden states. Where the first layer takes 8-bit vectors, the gather
+        // also writes its normalised input (no norm dispatch in front of its products).
+        let embed_q8 = match (&k.embed_q8_norm, w.layers.first()) {
+            (Some(e), Some(l0)) if layer_q8[0] => Some((e, &l0.attn_norm)),
+            _ => None,
+        };
+        let gather = match embed_q8 {
+            Some((e, g)) => e.bind_q8_norm(gpu, &w.embed, &b.tokens, 0, &b.x, g, &b.xq_norm, rows as usize)?,
+            None => k.embed.bind(gpu, &w.embed, &b.tokens, 0, &b.x, rows as usize)?,
+        };
+        for (bound, _) in gather {
+            push(&mut steps, "embed", bound, Box::new(move |s| crate::kernels::embedding::groups(embed_cols, s.n)));
+        }
+        // The previous layer's down product (or the gather) wrote this layer's normalised
+        // input (8-bit or f32).
+        let mut norm_in = embed_q8.is_some();
         for (i, l) in w.layers.iter().enumerate() {
             // Attention block: x += Wo · attention(rope(Wq·n(x)), cache + rope(Wk·n(x)), Wv·n(x)),
             // with Wq, Wk, Wv one stacked product. Decoding fuses the norm n into the product
@@ -560,11 +588,12 @@ impl Decoder {
             // attention inside Wo; down only into a next layer of 8-bit vectors.
             let ffn_q8 = q8.is_some() && k.mat(&l.down).q8.is_some() && MatVec::q8_output_fits(&l.gate);
             let o_norm = ffn_q8 && !merge_in_o && MatVec::q8_output_fits(&l.o);
-            let down_norm = q8.is_some() && layer_q8.get(i + 1) == Some(&true) && MatVec::q8_output_fits(&l.down);
+            let down_norm = q8.is_some() && next_q8(i) && MatVec::q8_output_fits(&l.down);
+            // The norm whose input the down product writes: the next layer's or the final one.
+            let next_norm = w.layers.get(i + 1).map_or(&w.norm, |n| &n.attn_norm);
             // The same for f32 vectors: Wo where no step merges the attention inside it.
             let o_norm_f32 = layer_f32_norm[i] && !merge_in_o && MatVec::norm_output_fits(gpu, &l.o);
-            let down_norm_f32 =
-                layer_f32_norm[i] && layer_f32_norm.get(i + 1) == Some(&true) && MatVec::norm_output_fits(gpu, &l.down);
+            let down_norm_f32 = layer_f32_norm[i] && next_f32_norm(i) && MatVec::norm_output_fits(gpu, &l.down);
             if let Some([quant_norm, _, _]) = q8 {
                 if !norm_in {
                     let (bound, g) = quant_norm.bind(gpu, &b.x, Some(&l.attn_norm), None, &b.xq, 1, c.hidden_size)?;
@@ -760,8 +789,7 @@ impl Decoder {
                     &b.xq
                 };
                 let list = if down_norm {
-                    let next = &w.layers[i + 1].attn_norm;
-                    mq.mv_add_norm.bind_add_norm_q8(gpu, &l.down, xq, &b.x, next, &b.xq_norm, 1)?
+                    mq.mv_add_norm.bind_add_norm_q8(gpu, &l.down, xq, &b.x, next_norm, &b.xq_norm, 1)?
                 } else {
                     mq.mv_add.bind(gpu, &l.down, xq, 0, &b.x, 1)?
                 };
@@ -770,9 +798,8 @@ impl Decoder {
                 }
                 norm_in = down_norm;
             } else if down_norm_f32 {
-                let next = &w.layers[i + 1].attn_norm;
                 for (bound, g) in
-                    k.mat(&l.down).mv_add_norm.bind_add_norm(gpu, &l.down, &b.ffn, &b.x, next, &b.xn_norm, 1)?
+                    k.mat(&l.down).mv_add_norm.bind_add_norm(gpu, &l.down, &b.ffn, &b.x, next_norm, &b.xn_norm, 1)?
                 {
                     push(&mut steps, "down", bound, fixed(g));
                 }
@@ -783,9 +810,22 @@ impl Decoder {
         }
         // The last token's hidden state -> logits -> next token.
         let layers_len = steps.len();
-        let lm = w.lm_head();
         let mk = k.mat(lm);
+        // Where the last down product wrote the final norm's input (8-bit where the last
+        // layer's vectors are, else f32), the LM head scales by its 1 / rms itself: no
+        // final_norm dispatch.
+        let last_q8 = layer_q8.last() == Some(&true);
         match (q8k, &mk.q8) {
+            (_, Some(mq)) if norm_in && last_q8 => {
+                for (bound, g) in mq.mv_norm_scale.bind(gpu, lm, &b.xq_norm, 0, &b.logits, 1)? {
+                    push(&mut steps, "lm_head", bound, fixed(g));
+                }
+            }
+            _ if norm_in && !last_q8 => {
+                for (bound, g) in mk.mv_norm_scale.bind(gpu, lm, &b.xn_norm, 0, &b.logits, 1)? {
+                    push(&mut steps, "lm_head", bound, fixed(g));
+                }
+            }
             (Some([_, quant_last, _]), Some(mq)) if k.q8_all(&[lm]) => {
                 let (bound, g) = quant_last.bind(gpu, &b.x, Some(&w.norm), Some(&b.state), &b.xq, 1, c.hidden_size)?;
                 push(&mut steps, "final_norm", bound, fixed(g));
@@ -805,9 +845,7 @@ impl Decoder {
                 }
             }
         }
-        let [(argmax, ga), (sample, gs)] =
-            k.sampling.bind_sample(gpu, c.vocab_size as u32, &b.logits, &b.seen, &b.state, &b.tokens)?;
-        push(&mut steps, "argmax", argmax, fixed(ga));
+        let (sample, gs) = k.sampling.bind_sample(gpu, c.vocab_size as u32, &b.logits, &b.seen, &b.state, &b.tokens)?;
         // Last: Session sets the sampling parameters through it.
         push(&mut steps, "sample", sample, fixed(gs));
         Ok((steps, layers_len))

@@ -5,10 +5,12 @@
 // a counter-based random number (seed, step). temperature 0 means greedy (lowest id on ties).
 // top-k and top-p thresholds are found by radix selection on order-preserving integer keys of
 // the logits: 32 counting passes each, no sort and no scratch memory beyond the workgroup.
-// Two entry points: argmax_parts (workgroup i finds the best score of logits
-// [i * PART, (i + 1) * PART)), then main, one workgroup of 256 invocations, which reduces
-// those to the argmax and samples. The argmax over a 128K vocabulary in one workgroup took
-// ~100 us on an H100; spread over 32 workgroups it is one round of loads each.
+// One dispatch of ceil(vocab / PART) workgroups: workgroup i finds the best score of logits
+// [i * PART, (i + 1) * PART), and the last workgroup to finish (an arrival count, as
+// attend_merge.wgsl merges attention splits) reduces those to the argmax and samples. The
+// argmax over a 128K vocabulary in one workgroup took ~100 us on an H100; spread over 32
+// workgroups it is one round of loads each. A second dispatch for the reduction cost a
+// dispatch and a barrier per token.
 
 struct Params {
     vocab: u32,
@@ -25,8 +27,10 @@ struct Params {
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 // Bit i set when token i is in the context (for the repetition penalty).
 @group(0) @binding(2) var<storage, read_write> seen: array<u32>;
-// Per argmax workgroup: the bits of its best score and that token id.
-@group(0) @binding(3) var<storage, read_write> parts: array<vec2<u32>>;
+// Per workgroup: the bits of its best score and that token id (words 2i, 2i + 1); then the
+// arrival count (word 2 * parts), zero between dispatches. Atomic words: the last workgroup
+// reads what the others wrote in the same dispatch (see attend_merge.wgsl).
+@group(0) @binding(3) var<storage, read_write> parts: array<atomic<u32>>;
 // [0] position of the step's first token, [1] tokens in the step, [2] draws so far.
 @group(0) @binding(4) var<storage, read_write> state: array<u32>;
 // tokens[0] receives the sampled token: the next step's input.
@@ -39,6 +43,7 @@ const PART: u32 = LOADS * WG;
 var<workgroup> red_f: array<f32, 256>;
 var<workgroup> red_u: array<u32, 256>;
 var<workgroup> pick: u32;
+var<workgroup> last_sh: u32;
 
 fn score(i: u32) -> f32 {
     var z = logits[i];
@@ -108,7 +113,7 @@ fn reduce_best(best: f32, best_i: u32, lid: u32) -> Best {
 }
 
 @compute @workgroup_size(256)
-fn argmax_parts(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let n = p.vocab;
     let last = n - 1u;
     let i0 = wid.x * PART + lid;
@@ -123,11 +128,24 @@ fn argmax_parts(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
         if (i < n && z[j] > best) { best = z[j]; best_i = i; }
     }
     let r = reduce_best(best, best_i, lid);
-    if (lid == 0u) { parts[wid.x] = vec2<u32>(bitcast<u32>(r.z), r.i); }
+    if (lid == 0u) {
+        atomicStore(&parts[2u * wid.x], bitcast<u32>(r.z));
+        atomicStore(&parts[2u * wid.x + 1u], r.i);
+    }
+    // Count this workgroup in; the last one picks (device-scope fences around the count).
+    let n_parts = (n + PART - 1u) / PART;
+    storageBarrier();
+    if (lid == 0u) {
+        last_sh = select(0u, 1u, atomicAdd(&parts[2u * n_parts], 1u) + 1u == n_parts);
+    }
+    if (workgroupUniformLoad(&last_sh) == 0u) { return; }
+    storageBarrier();
+    if (lid == 0u) { atomicStore(&parts[2u * n_parts], 0u); }
+    pick_token(lid);
 }
 
-@compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) lid: u32) {
+// The reduction of the parts to the argmax, and the draw (the last workgroup).
+fn pick_token(lid: u32) {
     let n = p.vocab;
     let chunk = (n + WG - 1u) / WG;
     let lo = min(lid * chunk, n);
@@ -137,9 +155,9 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     var best = -3.4e38;
     var best_i = 0xffffffffu;
     for (var k = lid; k < (n + PART - 1u) / PART; k += WG) {
-        let b = parts[k];
-        let z = bitcast<f32>(b.x);
-        if (z > best || (z == best && b.y < best_i)) { best = z; best_i = b.y; }
+        let z = bitcast<f32>(atomicLoad(&parts[2u * k]));
+        let i = atomicLoad(&parts[2u * k + 1u]);
+        if (z > best || (z == best && i < best_i)) { best = z; best_i = i; }
     }
     let am = reduce_best(best, best_i, lid);
     let zmax = am.z;

@@ -369,6 +369,16 @@ impl Bench<'_> {
                     let bytes = t as f64 * (row_bytes + cols as f64 * 4.0);
                     let sz = format!("{t} of {rows}x{cols}");
                     on_row(&row("embedding", sz, s, bytes, 0.0));
+                    // Decode's gather with the first layer's 8-bit norm input (one token).
+                    if cols.is_multiple_of(32) {
+                        let k = Embedding::with_q8_norm(gpu, dtype)?;
+                        let g = gpu.upload("g", &vec![1.0f32; cols])?;
+                        let xq = gpu.storage("xq_norm", q8_norm_words(cols) as u64 * 4)?;
+                        let sets = vec![k.bind_q8_norm(gpu, &ws[0], &tokens, 0, &x, &g, &xq, 1)?];
+                        let s = self.time_sets(&sets)?;
+                        let bytes = row_bytes + cols as f64 * 8.0 + q8_norm_words(cols) as f64 * 4.0;
+                        on_row(&row("embedding_q8_norm", format!("1 of {rows}x{cols}"), s, bytes, 0.0));
+                    }
                 }
             }
         }
@@ -520,8 +530,8 @@ impl Bench<'_> {
             for (label, sp) in [("greedy", greedy), ("t=0.8 k=40 p=0.95", nucleus)] {
                 let state = gpu.storage("state", 16)?;
                 let b = k.bind_sample(gpu, v, &logits, &seen, &state, &tokens)?;
-                b[1].0.set_params(&gpu.queue, &SampleParams::new(v, &sp));
-                let s = self.time_sets(&[b.into_iter().collect()])?;
+                b.0.set_params(&gpu.queue, &SampleParams::new(v, &sp));
+                let s = self.time_sets(&[vec![b]])?;
                 let bytes = v as f64 * 4.0;
                 let r =
                     Row::new("sample", sh.name, "-", format!("{label} v={v}"), s, bytes, 0.0, peaks, gpu, &self.timer);
@@ -558,6 +568,7 @@ mod tests {
             "matvec_lm_head",
             "matmul_down",
             "embedding",
+            "embedding_q8_norm",
             "rope_kv",
             "attend_decode",
             "attend_merged",

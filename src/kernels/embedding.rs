@@ -2,7 +2,7 @@
 //! format, dequantized to f32. Ids past the end of the table give zero rows (never an
 //! out-of-bounds read).
 
-use super::matmul::{w_define, GpuMatrix, WEIGHTS_WGSL};
+use super::matmul::{q8_norm_words, w_define, GpuMatrix, WEIGHTS_WGSL};
 use super::{groups_1d, Bound};
 use crate::gpu::{Gpu, GpuBuffer, PipelineKey};
 use crate::model::quant::DType;
@@ -28,12 +28,23 @@ pub struct Params {
 pub struct Embedding {
     dtype: DType,
     pipeline: Arc<wgpu::ComputePipeline>,
+    q8_norm: bool,
 }
 
 impl Embedding {
     pub fn new(gpu: &Gpu, dtype: DType) -> Result<Embedding> {
         let key = PipelineKey::new("embedding", &[WEIGHTS_WGSL, WGSL], gpu.flags()).define(w_define(dtype));
-        Ok(Embedding { dtype, pipeline: gpu.pipeline(&key)? })
+        Ok(Embedding { dtype, pipeline: gpu.pipeline(&key)?, q8_norm: false })
+    }
+
+    /// The gather that also writes each row as the first layer's norm input in
+    /// [`MatVec::with_q8_norm_output`](super::matmul::MatVec::with_q8_norm_output)'s layout (bound with [`Embedding::bind_q8_norm`]),
+    /// which that layer's [`MatVec::with_norm_scale`](super::matmul::MatVec::with_norm_scale) products of 8-bit vectors read: no norm
+    /// dispatch in front of them (decode steps with 8-bit vectors, `Caps::q8_activations`).
+    pub fn with_q8_norm(gpu: &Gpu, dtype: DType) -> Result<Embedding> {
+        let key =
+            PipelineKey::new("embedding", &[WEIGHTS_WGSL, WGSL], gpu.flags()).define(w_define(dtype)).define("Q8NORM");
+        Ok(Embedding { dtype, pipeline: gpu.pipeline(&key)?, q8_norm: true })
     }
 
     /// Binds the gather of `n` tokens (`tokens` u32 from `token_offset`) into `out` `[n, cols]`:
@@ -45,6 +56,54 @@ impl Embedding {
         tokens: &GpuBuffer,
         token_offset: usize,
         out: &GpuBuffer,
+        n: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        if self.q8_norm {
+            return Err(Error::InvalidArgument("an embedding built with_q8_norm binds through bind_q8_norm".into()));
+        }
+        self.bind_all(gpu, e, tokens, token_offset, out, &[], n)
+    }
+
+    /// [`Embedding::bind`] for a gather built [`Embedding::with_q8_norm`]: `g` is the norm
+    /// weight (`cols` floats), `xq` receives [`q8_norm_words`]`(cols)` words per token.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_q8_norm(
+        &self,
+        gpu: &Gpu,
+        e: &GpuMatrix,
+        tokens: &GpuBuffer,
+        token_offset: usize,
+        out: &GpuBuffer,
+        g: &GpuBuffer,
+        xq: &GpuBuffer,
+        n: usize,
+    ) -> Result<Vec<(Bound, [u32; 3])>> {
+        if !self.q8_norm {
+            return Err(Error::InvalidArgument("bind_q8_norm needs an embedding built with_q8_norm".into()));
+        }
+        let words = n.checked_mul(q8_norm_words(e.cols)).map(|w| w as u64 * 4);
+        if !e.cols.is_multiple_of(32) || g.size < e.cols as u64 * 4 || words.is_none_or(|b| b > xq.size) {
+            return Err(Error::InvalidArgument(format!(
+                "an 8-bit norm input of {n} rows of {} columns (whole 32-column blocks) needs a norm weight of {} bytes and an output of {:?} bytes, not {} and {}",
+                e.cols,
+                e.cols * 4,
+                words,
+                g.size,
+                xq.size
+            )));
+        }
+        self.bind_all(gpu, e, tokens, token_offset, out, &[g, xq], n)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bind_all(
+        &self,
+        gpu: &Gpu,
+        e: &GpuMatrix,
+        tokens: &GpuBuffer,
+        token_offset: usize,
+        out: &GpuBuffer,
+        tail: &[&GpuBuffer],
         n: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         if e.dtype != self.dtype {
@@ -81,8 +140,9 @@ impl Embedding {
                 w_scale: c.layout.scale_offset as u32,
             };
             let params = gpu.uniform("embedding", &p);
-            let bind_group =
-                gpu.bind_group(&self.pipeline, &[params.binding(), tokens.binding(), out.binding(), c.buf.binding()]);
+            let mut entries = vec![params.binding(), tokens.binding(), out.binding(), c.buf.binding()];
+            entries.extend(tail.iter().map(|b| b.binding()));
+            let bind_group = gpu.bind_group(&self.pipeline, &entries);
             v.push((
                 Bound { pipeline: self.pipeline.clone(), bind_group, params: Some(params) },
                 groups(e.cols, n as u32),
@@ -158,6 +218,83 @@ mod tests {
             got.iter().zip(&want).position(|(a, b)| a != b)
         );
         e.chunks.len()
+    }
+
+    /// The gather with the first layer's 8-bit norm input: x as the plain gather, the blocks
+    /// as quantize_q8 makes them from x * g, the sums of squares of x per block; and a
+    /// product that scales by 1 / rms (layer 0's Q/K/V) equals the CPU product of the
+    /// normalised row. Ids past the table give zero blocks.
+    fn run_q8_norm(gpu: &Gpu, dtype: DType, rows: usize, cols: usize, ntok: usize, seed: u64) -> usize {
+        use crate::kernels::matmul::{Epilogue, MatVec};
+        use crate::kernels::quantize;
+        let mut rng = Rng::new(seed);
+        let (q, d) = weights(dtype, rows, cols, &mut rng);
+        let e = GpuMatrix::upload(gpu, "e", dtype, rows, cols, &q).unwrap();
+        let mut toks: Vec<u32> = (0..ntok).map(|_| rng.next_u32() % rows as u32).collect();
+        toks.extend([rows as u32 - 1, rows as u32]);
+        let g: Vec<f32> = rng.vec(cols, 1.0).iter().map(|v| 0.5 + v.abs()).collect();
+        let (tb, gb) = (gpu.upload("tokens", &toks).unwrap(), gpu.upload("g", &g).unwrap());
+        let ob = gpu.upload("out", &vec![5.0f32; toks.len() * cols]).unwrap();
+        let qw = q8_norm_words(cols);
+        let xq = gpu.upload("xq", &vec![u32::MAX; toks.len() * qw]).unwrap();
+        let k = Embedding::with_q8_norm(gpu, dtype).unwrap();
+        assert!(k.bind(gpu, &e, &tb, 0, &ob, toks.len()).is_err());
+        assert!(k.bind_q8_norm(gpu, &e, &tb, 0, &ob, &gb, &xq, toks.len() + 1).is_err(), "output too short");
+        let bound = k.bind_q8_norm(gpu, &e, &tb, 0, &ob, &gb, &xq, toks.len()).unwrap();
+        run_pass(gpu, |p| bound.iter().for_each(|(b, g)| b.record(p, *g))).unwrap();
+        let what =
+            format!("q8-norm embedding {} {rows}x{cols} chunks={} {:?}", dtype.name(), e.chunks.len(), gpu.flags());
+        let x: Vec<f32> = gpu.read(&ob, 0, toks.len() * cols).unwrap();
+        assert!(x == reference(&d, cols, &toks), "{what}: rows");
+        let words: Vec<u32> = gpu.read(&xq, 0, toks.len() * qw).unwrap();
+        let mut xn = vec![];
+        for (t, row) in x.chunks_exact(cols).enumerate() {
+            let xg: Vec<f32> = row.iter().zip(&g).map(|(a, b)| a * b).collect();
+            let got = quantize::unpack(&words[t * qw..], cols);
+            quantize::tests::check(&what, &got, &quantize::reference(&xg));
+            for (bi, c) in row.chunks_exact(32).enumerate() {
+                let want: f64 = c.iter().map(|&a| a as f64 * a as f64).sum();
+                let sq = f32::from_bits(words[t * qw + quantize::q8_words(cols) + bi]) as f64;
+                assert!((sq - want).abs() <= 1e-5 * want, "{what}: token {t} block {bi} sum of squares {sq} vs {want}");
+            }
+            let ms = row.iter().map(|&a| a as f64 * a as f64).sum::<f64>() / cols as f64;
+            let r = 1.0 / (ms + 1e-5).sqrt();
+            xn.extend(quantize::dequantize(&got).iter().map(|&a| (a as f64 * r) as f32));
+        }
+        // Layer 0's Q/K/V kernel reads it.
+        let n2 = 40;
+        let (wq, wd) = weights(DType::Q4_0, n2, cols, &mut rng);
+        let w2 = GpuMatrix::upload(gpu, "w2", DType::Q4_0, n2, cols, &wq).unwrap();
+        let y = gpu.storage("y", (toks.len() * n2 * 4) as u64).unwrap();
+        let kv = MatVec::with_q8_input(gpu, DType::Q4_0, Epilogue::Store).unwrap().with_norm_scale(1e-5).unwrap();
+        let b2 = kv.bind(gpu, &w2, &xq, 0, &y, toks.len()).unwrap();
+        run_pass(gpu, |p| b2.iter().for_each(|(b, g)| b.record(p, *g))).unwrap();
+        let got: Vec<f32> = gpu.read(&y, 0, toks.len() * n2).unwrap();
+        for (t, xr) in xn.chunks_exact(cols).enumerate() {
+            for r in 0..n2 {
+                let want: f64 = (0..cols).map(|c| wd[r * cols + c] as f64 * xr[c] as f64).sum();
+                let scale: f64 = (0..cols).map(|c| (wd[r * cols + c] as f64 * xr[c] as f64).abs()).sum();
+                let e = (got[t * n2 + r] as f64 - want).abs();
+                assert!(e <= 1e-4 * scale + 1e-6, "{what}: product token {t} row {r}: {} vs {want}", got[t * n2 + r]);
+            }
+        }
+        e.chunks.len()
+    }
+
+    #[test]
+    fn q8_norm_input_matches_reference() {
+        for gpu in variants() {
+            for dtype in DType::ALL {
+                // Three blocks in one workgroup; 13 blocks over two workgroups, the second
+                // partly past the row.
+                run_q8_norm(gpu, dtype, 37, 96, 3, 11);
+                run_q8_norm(gpu, dtype, 3, 416, 1, 12);
+            }
+        }
+        // The SmolLM2 table and a Llama-3-8B-wide one.
+        run_q8_norm(&variants()[0], DType::Q4_1, 49152, 576, 2, 13);
+        run_q8_norm(&variants()[0], DType::Q4_0, 300, 4096, 1, 14);
+        assert!(run_q8_norm(&small_binding_gpu(4096), DType::Q8_0, 333, 96, 20, 15) >= 2, "split table");
     }
 
     #[test]

@@ -80,7 +80,6 @@ struct NllParams {
 }
 
 pub struct SamplingKernels {
-    argmax: Arc<wgpu::ComputePipeline>,
     sample: Arc<wgpu::ComputePipeline>,
     nll: Arc<wgpu::ComputePipeline>,
 }
@@ -89,17 +88,15 @@ impl SamplingKernels {
     pub fn new(gpu: &Gpu) -> Result<SamplingKernels> {
         let f = gpu.flags();
         Ok(SamplingKernels {
-            argmax: gpu.pipeline(&PipelineKey::new("sample", &[SAMPLE_WGSL], f).entry("argmax_parts"))?,
             sample: gpu.pipeline(&PipelineKey::new("sample", &[SAMPLE_WGSL], f))?,
             nll: gpu.pipeline(&PipelineKey::new("nll", &[REDUCE_WGSL, NLL_WGSL], f))?,
         })
     }
 
     /// Samples from logits [vocab] into tokens[0], marks it in `seen` (a bitmap of
-    /// ceil(vocab / 32) words) and advances the step state: two dispatches to record in
-    /// order, the argmax over slices of the vocabulary, then the sampler (one workgroup).
-    /// The last one holds the parameter uniform both read ([`Bound::set_params`] with
-    /// [`SampleParams`]).
+    /// ceil(vocab / 32) words) and advances the step state: one dispatch (its workgroup
+    /// count returned with it), whose parameter uniform [`Bound::set_params`] sets with
+    /// [`SampleParams`].
     pub fn bind_sample(
         &self,
         gpu: &Gpu,
@@ -108,20 +105,17 @@ impl SamplingKernels {
         seen: &GpuBuffer,
         state: &GpuBuffer,
         tokens: &GpuBuffer,
-    ) -> Result<[(Bound, [u32; 3]); 2]> {
+    ) -> Result<(Bound, [u32; 3])> {
         let slices = vocab.div_ceil(Self::ARGMAX_SLICE).max(1);
-        let parts = gpu.storage("argmax parts", slices as u64 * 8)?;
+        // Two words per slice and the arrival count (zeroed at creation; each dispatch leaves
+        // it zero).
+        let parts = gpu.storage("argmax parts", (2 * slices as u64 + 1) * 4)?;
         let params = gpu.uniform("sample", &SampleParams::new(vocab, &SamplingParams::default()));
-        let argmax =
-            gpu.bind_group(&self.argmax, &[params.binding(), logits.binding(), seen.binding(), parts.binding()]);
         let sample = gpu.bind_group(
             &self.sample,
             &[params.binding(), logits.binding(), seen.binding(), parts.binding(), state.binding(), tokens.binding()],
         );
-        Ok([
-            (Bound { pipeline: self.argmax.clone(), bind_group: argmax, params: None }, [slices, 1, 1]),
-            (Bound { pipeline: self.sample.clone(), bind_group: sample, params: Some(params) }, [1, 1, 1]),
-        ])
+        Ok((Bound { pipeline: self.sample.clone(), bind_group: sample, params: Some(params) }, [slices, 1, 1]))
     }
 
     /// Logits per argmax workgroup (PART in sample.wgsl).
@@ -218,7 +212,7 @@ mod tests {
         seen: GpuBuffer,
         state: GpuBuffer,
         tokens: GpuBuffer,
-        bound: [(Bound, [u32; 3]); 2],
+        bound: (Bound, [u32; 3]),
         vocab: usize,
         bits: Vec<u32>,
     }
@@ -242,11 +236,11 @@ mod tests {
             Rig { k, logits, seen, state, tokens, bound, vocab, bits }
         }
         fn draw(&self, gpu: &Gpu, s: &SamplingParams, step: u32) -> u32 {
-            self.bound[1].0.set_params(&gpu.queue, &SampleParams::new(self.vocab as u32, s));
+            self.bound.0.set_params(&gpu.queue, &SampleParams::new(self.vocab as u32, s));
             gpu.write(&self.state, 8, &[step]);
             // The sampler marks what it draws; start each draw from the same context.
             gpu.write(&self.seen, 0, &self.bits);
-            crate::kernels::run_pass(gpu, |p| self.bound.iter().for_each(|(b, g)| b.record(p, *g))).unwrap();
+            crate::kernels::run_pass(gpu, |p| self.bound.0.record(p, self.bound.1)).unwrap();
             gpu.read::<u32>(&self.tokens, 0, 1).unwrap()[0]
         }
     }

@@ -220,6 +220,28 @@ def kernels(f, tol):
             e = dequant(f.get_tensor(f"{case}/e"), m["dtype"], m["rows"], m["cols"])
             ids = f.get_tensor(f"{case}/ids").to(torch.int64).to(DEV)
             report("kernel", case, rel(t(f"{case}/y"), e[ids]), tol["exact"])
+        elif op == "embedding_q8_norm":
+            # The gathered rows, and each row times g in 8-bit blocks with the sums of squares of
+            # the row after them (matvec_q8_norm's layout), one vector of `words` words per token.
+            tab = m["table"]
+            e = dequant(f.get_tensor(f"{tab}/e"), m["dtype"], m["rows"], m["cols"])
+            ids = f.get_tensor(f"{tab}/ids").to(torch.int64).to(DEV)
+            y, h = t(f"{case}/y"), m["cols"]
+            report("kernel", case + " rows", rel(y, e[ids]), tol["exact"])
+            raw = f.get_tensor(f"{case}/words").reshape(m["tokens"], 4 * m["words"])
+            steps, sums, sqs = [], [], []
+            off = 4 * (((h // 4 + h // 16) + 3) // 4 * 4)
+            for i in range(m["tokens"]):
+                qn, dn, sn = q8_blocks(raw[i], h)
+                yg = (y[i] * t(f"{case}/g")).double()
+                xd = (qn.double() * dn[:, None].double()).reshape(-1)
+                steps.append(((xd - yg).abs().reshape(-1, 32) / dn[:, None].double()).max().item() * 2)
+                sums.append(rel(sn, dn * qn.sum(1).float()))
+                sq = raw[i, off:off + 4 * (h // 32)].to(torch.uint8).view(torch.float32).to(DEV)
+                sqs.append(rel(sq, (y[i] * y[i]).reshape(-1, 32).sum(1)))
+            report("kernel", case + " blocks (half steps)", max(steps), 1.0 + 1e-3)
+            report("kernel", case + " sums of squares", max(sqs), tol["norm"])
+            report("kernel", case + " sums", max(sums), tol["norm"])
         elif op == "rms_norm":
             x, w = t(f"{case}/x"), t(f"{case}/w")
             y = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + m["eps"]) * w
