@@ -13,7 +13,7 @@ use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnSh
 use crate::kernels::embedding::Embedding;
 use crate::kernels::matmul::{norm_output_floats, norm_output_parts, q8_norm_words};
 use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, OutRows};
-use crate::kernels::probe::{fma_flops, Probes, COPY_GROUPS};
+use crate::kernels::probe::{fma_flops, HandoffMode, HandoffShape, Probes, COPY_GROUPS};
 use crate::kernels::quantize::{q8_words, Q8Input, QuantizeQ8};
 use crate::kernels::rms_norm::RmsNorm;
 use crate::kernels::sampling::{SampleParams, SamplingKernels, SamplingParams};
@@ -172,7 +172,71 @@ impl Bench<'_> {
         on_row(&row("copy", format!("{} MiB", bytes >> 20), t, 2.0 * bytes as f64, 0.0));
         on_row(&row("fma", format!("{} threads x {iters}", groups * 256), t_fma, 0.0, flops));
         on_row(&row("dispatch", "4 KiB copy, 1 workgroup".into(), t_tiny, 2.0 * small as f64, 0.0));
+        if self.wanted("handoff") {
+            self.handoffs(&p, &row, on_row)?;
+        }
         Ok(peaks)
+    }
+
+    /// Two dependent stages (handoff.wgsl) as two dispatches and as one that hands the
+    /// dependency over inside: what fusing two of a decode step's products could save. GPU
+    /// shapes: slices too small to matter (the boundary alone), Wo then gate/up (8-bit
+    /// vectors, 8B shape: 9 and 66 MB), gate/up then down (66 and 33 MB).
+    fn handoffs(
+        &self,
+        p: &Probes,
+        row: &dyn Fn(&str, String, f64, f64, f64) -> Row,
+        on_row: &mut dyn FnMut(&Row),
+    ) -> Result<()> {
+        let gpu = self.gpu;
+        let shapes: &[HandoffShape] = if self.cpu {
+            &[HandoffShape { a_groups: 64, b_groups: 64, a_words: 64, b_words: 64 }]
+        } else {
+            &[
+                HandoffShape { a_groups: 1024, b_groups: 1024, a_words: 16, b_words: 16 },
+                HandoffShape { a_groups: 1024, b_groups: 3584, a_words: 576, b_words: 1152 },
+                HandoffShape { a_groups: 3584, b_groups: 1024, a_words: 1152, b_words: 2016 },
+            ]
+        };
+        let modes: [(&str, &[HandoffMode]); 4] = [
+            ("A alone", &[HandoffMode::A]),
+            ("A; B (two dispatches)", &[HandoffMode::A, HandoffMode::B]),
+            ("one dispatch, B loads first", &[HandoffMode::FusedLoadFirst]),
+            ("one dispatch, B loads after", &[HandoffMode::FusedLoadAfter]),
+        ];
+        for &sh in shapes {
+            let bytes = sh.src_vec4s() * 16;
+            // Every dispatch binds the one `out` for writing, so each waits for the one
+            // before it, as a decode step's do; each copy has its own data and sums.
+            let out = gpu.storage("handoff out", sh.b_groups as u64 * 4)?;
+            let mut data = vec![];
+            for c in 0..self.copies(bytes) {
+                let src = gpu.upload("handoff src", &vec![0.5f32 + c as f32; (sh.src_vec4s() * 4) as usize])?;
+                data.push((src, gpu.storage("handoff sums", sh.sum_words() * 4)?));
+            }
+            let mib = |words: u32, groups: u32| (words as u64 * groups as u64 * 16) as f64 / (1 << 20) as f64;
+            let size = format!(
+                "A {:.1} MiB / {} wg, B {:.1} MiB / {} wg",
+                mib(sh.a_words, sh.a_groups),
+                sh.a_groups,
+                mib(sh.b_words, sh.b_groups),
+                sh.b_groups
+            );
+            for (what, list) in modes {
+                let mut sets = vec![];
+                for (src, sums) in &data {
+                    let mut set = vec![];
+                    for &mode in list {
+                        set.push((p.bind_handoff(gpu, src, sums, &out, sh, mode)?, sh.groups(mode)));
+                    }
+                    sets.push(set);
+                }
+                let t = self.time_sets(&sets)?;
+                let read = if list == [HandoffMode::A] { sh.a_groups as u64 * sh.a_words as u64 * 16 } else { bytes };
+                on_row(&row("handoff", format!("{size}: {what}"), t, read as f64, 0.0));
+            }
+        }
+        Ok(())
     }
 
     /// A random `[rows, cols]` matrix in `dtype`: a few distinct quantized rows repeated, so
@@ -563,6 +627,7 @@ mod tests {
         for k in [
             "copy",
             "fma",
+            "handoff",
             "matvec_qkv",
             "matvec_gate_up",
             "matvec_lm_head",

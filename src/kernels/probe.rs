@@ -1,6 +1,8 @@
 //! Probes of what the adapter can do at best: a copy (memory bandwidth) and a chain of
 //! multiply-adds (f32 arithmetic peak). The microbenchmarks report every kernel as a share of
-//! these, measured on the same device in the same run.
+//! these, measured on the same device in the same run. A third probe measures what a
+//! dependent dispatch boundary costs against handing the dependency over inside one dispatch
+//! (handoff.wgsl), the question behind fusing a decode step's products.
 
 use crate::error::Result;
 use crate::gpu::{Gpu, GpuBuffer, PipelineKey};
@@ -9,6 +11,7 @@ use std::sync::Arc;
 
 const COPY_WGSL: &str = include_str!("../../shaders/probe/copy.wgsl");
 const FMA_WGSL: &str = include_str!("../../shaders/probe/fma.wgsl");
+const HANDOFF_WGSL: &str = include_str!("../../shaders/probe/handoff.wgsl");
 
 /// Workgroups of the copy: enough to fill any current GPU, few enough that each invocation
 /// loops over several vectors.
@@ -19,6 +22,7 @@ pub const FMA_CHAINS: u32 = 8;
 pub struct Probes {
     copy: Arc<wgpu::ComputePipeline>,
     fma: Arc<wgpu::ComputePipeline>,
+    handoff: Arc<wgpu::ComputePipeline>,
 }
 
 #[repr(C)]
@@ -34,6 +38,7 @@ impl Probes {
         Ok(Probes {
             copy: gpu.pipeline(&PipelineKey::new("probe_copy", &[COPY_WGSL], f))?,
             fma: gpu.pipeline(&PipelineKey::new("probe_fma", &[FMA_WGSL], f))?,
+            handoff: gpu.pipeline(&PipelineKey::new("probe_handoff", &[HANDOFF_WGSL], f))?,
         })
     }
 
@@ -51,6 +56,106 @@ impl Probes {
         let bind_group = gpu.bind_group(&self.fma, &[params.binding(), out.binding()]);
         Bound { pipeline: self.fma.clone(), bind_group, params: Some(params) }
     }
+}
+
+/// Workgroups and slice sizes (vec4s per workgroup) of the handoff probe's two stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandoffShape {
+    pub a_groups: u32,
+    pub b_groups: u32,
+    pub a_words: u32,
+    pub b_words: u32,
+}
+
+/// How the handoff probe runs its stages (handoff.wgsl's modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoffMode {
+    /// Stage A alone (the first of two dependent dispatches).
+    A = 0,
+    /// Stage B alone, reading what an earlier dispatch of stage A wrote.
+    B = 1,
+    /// Both in one dispatch; B reads its own slice, then waits for A.
+    FusedLoadFirst = 2,
+    /// Both in one dispatch; B waits for A, then reads its own slice.
+    FusedLoadAfter = 3,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct HandoffParams {
+    a_groups: u32,
+    b_groups: u32,
+    a_words: u32,
+    b_words: u32,
+    mode: u32,
+    _pad: [u32; 3],
+}
+
+impl HandoffShape {
+    /// vec4s of `src` the probe reads: A's slices, then B's.
+    pub fn src_vec4s(&self) -> u64 {
+        self.a_groups as u64 * self.a_words as u64 + self.b_groups as u64 * self.b_words as u64
+    }
+
+    /// Words of the `sums` buffer: A's sums and two counts (zero before the first dispatch;
+    /// the fused modes leave them zero).
+    pub fn sum_words(&self) -> u64 {
+        self.a_groups as u64 + 2
+    }
+
+    /// The workgroup grid of `mode`.
+    pub fn groups(&self, mode: HandoffMode) -> [u32; 3] {
+        match mode {
+            HandoffMode::A => [self.a_groups, 1, 1],
+            HandoffMode::B => [self.b_groups, 1, 1],
+            HandoffMode::FusedLoadFirst | HandoffMode::FusedLoadAfter => [self.a_groups + self.b_groups, 1, 1],
+        }
+    }
+}
+
+impl Probes {
+    /// Stage(s) `mode` of the handoff probe over `src` ([`HandoffShape::src_vec4s`] vec4s),
+    /// `sums` ([`HandoffShape::sum_words`] words) and `out` (`b_groups` floats): out[g] is
+    /// the sum of B's slice g plus the sums of all of A's slices ([`handoff_reference`]).
+    pub fn bind_handoff(
+        &self,
+        gpu: &Gpu,
+        src: &GpuBuffer,
+        sums: &GpuBuffer,
+        out: &GpuBuffer,
+        sh: HandoffShape,
+        mode: HandoffMode,
+    ) -> Result<Bound> {
+        let (a, b) = (sh.a_groups, sh.b_groups);
+        if a == 0 || b == 0 || a.checked_add(b).is_none_or(|n| n > 65535) {
+            return Err(crate::Error::Unsupported(format!("handoff probe of {a} + {b} workgroups")));
+        }
+        let fits = |buf: &GpuBuffer, bytes: u64| buf.size >= bytes;
+        if !fits(src, sh.src_vec4s() * 16) || !fits(sums, sh.sum_words() * 4) || !fits(out, b as u64 * 4) {
+            return Err(crate::Error::Unsupported("handoff probe buffers smaller than its shape".into()));
+        }
+        let params = HandoffParams {
+            a_groups: a,
+            b_groups: b,
+            a_words: sh.a_words,
+            b_words: sh.b_words,
+            mode: mode as u32,
+            _pad: [0; 3],
+        };
+        let params = gpu.uniform("probe_handoff", &params);
+        let bind_group =
+            gpu.bind_group(&self.handoff, &[params.binding(), src.binding(), sums.binding(), out.binding()]);
+        Ok(Bound { pipeline: self.handoff.clone(), bind_group, params: Some(params) })
+    }
+}
+
+/// What the handoff probe writes for `src` (in f64).
+pub fn handoff_reference(src: &[f32], sh: HandoffShape) -> Vec<f64> {
+    let slice =
+        |first: usize, words: u32| src[first * 4..(first + words as usize) * 4].iter().map(|&v| v as f64).sum::<f64>();
+    let a_total: f64 = (0..sh.a_groups as usize).map(|g| slice(g * sh.a_words as usize, sh.a_words)).sum();
+    let b0 = sh.a_groups as usize * sh.a_words as usize;
+    (0..sh.b_groups as usize).map(|g| slice(b0 + g * sh.b_words as usize, sh.b_words) + a_total).collect()
 }
 
 /// Floating-point operations of the fma probe over `invocations` threads.
@@ -93,6 +198,52 @@ mod tests {
                 run_pass(gpu, |p| b.record(p, [COPY_GROUPS.min((n as u32 / 4).div_ceil(256)), 1, 1])).unwrap();
                 let got: Vec<f32> = gpu.read(&dst, 0, n).unwrap();
                 assert!(got == x, "copy of {n} floats");
+            }
+        }
+    }
+
+    #[test]
+    fn handoff_modes_match_reference() {
+        for gpu in variants() {
+            let k = Probes::new(gpu).unwrap();
+            // Odd sizes (slices shorter and longer than a workgroup, more A sums than
+            // invocations) and the benchmark's GPU shape.
+            let shapes = [
+                HandoffShape { a_groups: 3, b_groups: 5, a_words: 7, b_words: 301 },
+                HandoffShape { a_groups: 300, b_groups: 2, a_words: 513, b_words: 1 },
+                HandoffShape { a_groups: 1024, b_groups: 1024, a_words: 64, b_words: 64 },
+            ];
+            for sh in shapes {
+                let x = Rng::new(sh.a_groups as u64).vec(sh.src_vec4s() as usize * 4, 1.0);
+                let src = gpu.upload("src", &x).unwrap();
+                let sums = gpu.storage("sums", sh.sum_words() * 4).unwrap();
+                let want = handoff_reference(&x, sh);
+                // f32 sums in another order: the error scales with the sum of magnitudes.
+                let atol = 1e-6 * x.iter().map(|v| v.abs() as f64).sum::<f64>();
+                let out = gpu.storage("out", sh.b_groups as u64 * 4).unwrap();
+                let a = k.bind_handoff(gpu, &src, &sums, &out, sh, HandoffMode::A).unwrap();
+                let b = k.bind_handoff(gpu, &src, &sums, &out, sh, HandoffMode::B).unwrap();
+                run_pass(gpu, |p| {
+                    a.record(p, sh.groups(HandoffMode::A));
+                    b.record(p, sh.groups(HandoffMode::B));
+                })
+                .unwrap();
+                let got: Vec<f32> = gpu.read(&out, 0, sh.b_groups as usize).unwrap();
+                assert_close(&format!("{sh:?} in two dispatches"), &got, &want, atol, 1e-5);
+                for mode in [HandoffMode::FusedLoadFirst, HandoffMode::FusedLoadAfter] {
+                    // Twice in one pass: the counts must be back at zero after the first.
+                    let out = gpu.storage("out", sh.b_groups as u64 * 4).unwrap();
+                    let f = k.bind_handoff(gpu, &src, &sums, &out, sh, mode).unwrap();
+                    run_pass(gpu, |p| {
+                        f.record(p, sh.groups(mode));
+                        f.record(p, sh.groups(mode));
+                    })
+                    .unwrap();
+                    let got: Vec<f32> = gpu.read(&out, 0, sh.b_groups as usize).unwrap();
+                    assert_close(&format!("{sh:?} {mode:?}"), &got, &want, atol, 1e-5);
+                    let counts: Vec<u32> = gpu.read(&sums, sh.a_groups as u64 * 4, 2).unwrap();
+                    assert_eq!(counts, [0, 0], "{sh:?} {mode:?}: counts reset");
+                }
             }
         }
     }
