@@ -18,6 +18,8 @@ struct Params {
     a_words: u32,
     b_words: u32,
     mode: u32,
+    // First vec4 of src the stages read (A's slices, then B's).
+    src_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -58,7 +60,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let first_b = select(0u, p.a_groups, fused);
     if (p.mode == 0u || (fused && wid.x < p.a_groups)) {
         if (wid.x >= p.a_groups) { return; }
-        let total = wg_total(slice_sum(wid.x * p.a_words, p.a_words, lid), lid);
+        let total = wg_total(slice_sum(p.src_off + wid.x * p.a_words, p.a_words, lid), lid);
         if (lid == 0u) { atomicStore(&sums[wid.x], bitcast<u32>(total)); }
         if (fused) {
             storageBarrier();
@@ -68,7 +70,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let g = wid.x - first_b;
     if (g >= p.b_groups) { return; }
-    let b_first = p.a_groups * p.a_words + g * p.b_words;
+    let b_first = p.src_off + p.a_groups * p.a_words + g * p.b_words;
     var own = 0.0;
     if (p.mode != 3u) { own = slice_sum(b_first, p.b_words, lid); }
     if (fused) {

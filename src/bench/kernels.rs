@@ -175,7 +175,66 @@ impl Bench<'_> {
         if self.wanted("handoff") {
             self.handoffs(&p, &row, on_row)?;
         }
+        if self.wanted("stream") {
+            self.streams(&p, &row, on_row)?;
+        }
         Ok(peaks)
+    }
+
+    /// Plain reads of the sizes a decode step's products read, over several workgroup counts
+    /// (handoff.wgsl's stage A alone: each workgroup sums a slice): the rate at which this
+    /// adapter streams a read of that size in one dispatch at all, the ceiling for a product
+    /// of the same bytes. GPU sizes: the Llama-3-8B products in Q4_0 (Wo, QKV, down, gate/up)
+    /// and f16 (QKV, down, gate/up).
+    fn streams(
+        &self,
+        p: &Probes,
+        row: &dyn Fn(&str, String, f64, f64, f64) -> Row,
+        on_row: &mut dyn FnMut(&Row),
+    ) -> Result<()> {
+        let gpu = self.gpu;
+        let (sizes, groups): (&[u64], &[u32]) = if self.cpu {
+            (&[1 << 20], &[16, 64])
+        } else {
+            let f16 = [50_331_648, 117_440_512, 234_881_024];
+            let q4_0 = [9_437_184, 14_155_776, 33_030_144, 66_060_288];
+            (&[f16[0], f16[1], f16[2], q4_0[0], q4_0[1], q4_0[2], q4_0[3]], &[448, 1024, 3584])
+        };
+        // One source for every row, allocated and filled once: copies of a size are slices
+        // of it. (Rows that allocated their own copies ran at half the rate after a few
+        // rows' worth of allocations on an H100; benches/RESULTS.md, round 16.)
+        let span: u64 = if self.cpu { 16 << 20 } else { 768 << 20 };
+        let span = span.min(gpu.caps.max_binding) / 256 * 256;
+        let src = gpu.storage("stream src", span)?;
+        let fill: Vec<f32> = (0..(4u32 << 20)).map(|i| 1.0 + (i % 251) as f32 * 1e-3).collect();
+        for at in (0..span).step_by(16 << 20) {
+            let n = ((span - at) as usize / 4).min(fill.len());
+            gpu.queue.write_buffer(&src.buffer, at, bytemuck::cast_slice(&fill[..n]));
+        }
+        let out = gpu.storage("stream out", 4)?;
+        for &bytes in sizes {
+            for &g in groups {
+                let words = (bytes / 16).div_ceil(g as u64) as u32;
+                let sh = HandoffShape { a_groups: g, b_groups: 1, a_words: words, b_words: 0 };
+                let read = sh.src_vec4s() * 16;
+                let stride = read.next_multiple_of(256);
+                if stride > span {
+                    continue;
+                }
+                let copies = (span / stride).min(self.copies(read) as u64);
+                let mut sets = vec![];
+                for c in 0..copies {
+                    let sums = gpu.storage("stream sums", sh.sum_words() * 4)?;
+                    let at = (c * stride / 16) as u32;
+                    let b = p.bind_handoff_at(gpu, (&src, at), &sums, &out, sh, HandoffMode::A)?;
+                    sets.push(vec![(b, sh.groups(HandoffMode::A))]);
+                }
+                let t = self.time_sets(&sets)?;
+                let size = format!("{:.1} MB over {g} workgroups", read as f64 / 1e6);
+                on_row(&row("stream", size, t, read as f64, 0.0));
+            }
+        }
+        Ok(())
     }
 
     /// Two dependent stages (handoff.wgsl) as two dispatches and as one that hands the
@@ -628,6 +687,7 @@ mod tests {
             "copy",
             "fma",
             "handoff",
+            "stream",
             "matvec_qkv",
             "matvec_gate_up",
             "matvec_lm_head",

@@ -88,7 +88,8 @@ struct HandoffParams {
     a_words: u32,
     b_words: u32,
     mode: u32,
-    _pad: [u32; 3],
+    src_off: u32,
+    _pad: [u32; 2],
 }
 
 impl HandoffShape {
@@ -126,12 +127,29 @@ impl Probes {
         sh: HandoffShape,
         mode: HandoffMode,
     ) -> Result<Bound> {
+        self.bind_handoff_at(gpu, (src, 0), sums, out, sh, mode)
+    }
+
+    /// [`Probes::bind_handoff`] over `src` from its `src.1`-th vec4.
+    pub fn bind_handoff_at(
+        &self,
+        gpu: &Gpu,
+        src: (&GpuBuffer, u32),
+        sums: &GpuBuffer,
+        out: &GpuBuffer,
+        sh: HandoffShape,
+        mode: HandoffMode,
+    ) -> Result<Bound> {
+        let (src, src_off) = src;
         let (a, b) = (sh.a_groups, sh.b_groups);
         if a == 0 || b == 0 || a.checked_add(b).is_none_or(|n| n > 65535) {
             return Err(crate::Error::Unsupported(format!("handoff probe of {a} + {b} workgroups")));
         }
         let fits = |buf: &GpuBuffer, bytes: u64| buf.size >= bytes;
-        if !fits(src, sh.src_vec4s() * 16) || !fits(sums, sh.sum_words() * 4) || !fits(out, b as u64 * 4) {
+        if !fits(src, (src_off as u64 + sh.src_vec4s()) * 16)
+            || !fits(sums, sh.sum_words() * 4)
+            || !fits(out, b as u64 * 4)
+        {
             return Err(crate::Error::Unsupported("handoff probe buffers smaller than its shape".into()));
         }
         let params = HandoffParams {
@@ -140,7 +158,8 @@ impl Probes {
             a_words: sh.a_words,
             b_words: sh.b_words,
             mode: mode as u32,
-            _pad: [0; 3],
+            src_off,
+            _pad: [0; 2],
         };
         let params = gpu.uniform("probe_handoff", &params);
         let bind_group =
