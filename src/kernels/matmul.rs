@@ -333,6 +333,21 @@ pub fn matvec_q8_workgroup(gpu: &Gpu, cols: usize) -> usize {
     }
 }
 
+/// Invocations per workgroup of a matvec of f32 vectors with `cols` columns: 64, or 128 for
+/// the gate/up (`swiglu`) product where a row has 128 blocks or more (one block per
+/// invocation per row and matrix instead of two). Measured on an H100, 8B f16 decode at 1K
+/// (benches/RESULTS.md, round 16), GPU ms per token: 6.503 / 6.505 -> 6.459 / 6.455 so;
+/// Q/K/V at 128 6.532 / 6.534, the LM head 6.501 / 6.506, all three at 256 6.74-6.76, and
+/// the SmolLM2 shape (18 blocks per row) with all at 128 0.937 / 0.935 against 0.931 / 0.926.
+/// A CPU adapter keeps 64.
+pub fn matvec_f32_workgroup(gpu: &Gpu, cols: usize, swiglu: bool) -> usize {
+    if gpu.info.device_type != wgpu::DeviceType::Cpu && swiglu && cols / 32 >= 128 {
+        128
+    } else {
+        64
+    }
+}
+
 /// Invocations per workgroup of [`MatVec::with_q8_output`]: eight segments of four rows make
 /// its 32-row block, so this sets the invocations per row (wg / 8). Measured on an H100, 8B
 /// Q4_0 decode at 1K (benches/RESULTS.md, round 9): 64 -> 249 tok/s, 128 -> 312, 256 -> 341,
@@ -553,10 +568,8 @@ impl MatVec {
     /// vectors (tests; normally [`matvec_q8_workgroup`] or, for the kernels writing 8-bit
     /// blocks, [`q8_output_workgroup`] and [`q8_norm_workgroup`]).
     pub fn with_workgroup(mut self, wg: usize) -> Result<MatVec> {
-        if !self.q8_input || ![64, 128, 256, 512, 1024].contains(&wg) {
-            return Err(Error::InvalidArgument(format!(
-                "{wg} invocations per workgroup (64 to 1024, for 8-bit vectors only)"
-            )));
+        if ![64, 128, 256, 512, 1024].contains(&wg) {
+            return Err(Error::InvalidArgument(format!("{wg} invocations per workgroup (64 to 1024)")));
         }
         self.workgroup = Some(wg);
         Ok(self)
@@ -912,7 +925,8 @@ impl MatVec {
         let wg = match (self.q8_input, self.workgroup) {
             (true, Some(wg)) => wg,
             (true, None) => matvec_q8_workgroup(gpu, w.cols),
-            (false, _) => 64,
+            (false, Some(wg)) => wg,
+            (false, None) => matvec_f32_workgroup(gpu, w.cols, mats.len() == 2),
         };
         let tpr = threads_per_row_of(w.cols, fast, wg);
         let segments = wg / tpr as usize;
@@ -1347,7 +1361,11 @@ pub(crate) mod tests {
         let yb = gpu.upload("y", &y0).unwrap();
         let what = format!(
             "{} {} {epi:?} N={n} K={k} T={t} x_off={x_off} chunks={} {:?}",
-            if mm { "matmul".to_string() } else { format!("matvec rows {}", [4, 2, 1][(seed % 3) as usize]) },
+            if mm {
+                "matmul".to_string()
+            } else {
+                format!("matvec rows {} wg {}", [4, 2, 1][(seed % 3) as usize], [64, 128, 256][(seed / 3 % 3) as usize])
+            },
             dtype.name(),
             gm.chunks.len(),
             gpu.flags()
@@ -1390,11 +1408,12 @@ pub(crate) mod tests {
 
     const EPIS: [Epilogue; 3] = [Epilogue::Store, Epilogue::Add, Epilogue::SwiGlu];
 
-    /// A matvec with 4, 2 or 1 rows per segment by `seed`, so the cases cover every variant
-    /// whatever the adapter would choose.
+    /// A matvec with 4, 2 or 1 rows per segment and 64, 128 or 256 invocations by `seed`, so
+    /// the cases cover every variant whatever the adapter would choose.
     fn matvec_for_test(gpu: &Gpu, dtype: DType, epi: Epilogue, seed: u64) -> MatVec {
         let rows = [4, 2, 1][(seed % 3) as usize];
-        MatVec::new(gpu, dtype, epi).unwrap().with_rows_per_segment(rows).unwrap()
+        let wg = [64, 128, 256][(seed / 3 % 3) as usize];
+        MatVec::new(gpu, dtype, epi).unwrap().with_rows_per_segment(rows).unwrap().with_workgroup(wg).unwrap()
     }
 
     /// RMSNorm fused in front of a decode product (store or SwiGLU), against norm-then-product
@@ -2051,6 +2070,8 @@ pub(crate) mod tests {
                 i += 1;
             }
         }
+        // f16 gate/up as 8B decode runs it on GPUs: 4 rows per segment, 128 invocations.
+        run_case(&vs[0], false, DType::F16, Epilogue::SwiGlu, 14336, 4096, 1, 0, 57);
         run_case(&vs[0], true, DType::Q4_0, Epilogue::Store, 4096, 4096, 3, 0, 99);
         eprintln!("llama8b_sizes: {:?}", start.elapsed());
     }
