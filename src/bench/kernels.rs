@@ -105,6 +105,9 @@ pub fn run(gpu: &Gpu, opts: &KernelBenchOptions, on_row: &mut dyn FnMut(&Row)) -
     Ok(peaks)
 }
 
+/// Makes a probe row from (kernel, size, seconds, bytes, flops).
+type ProbeRow<'r> = &'r dyn Fn(&str, String, f64, f64, f64) -> Row;
+
 struct Bench<'a> {
     gpu: &'a Gpu,
     opts: &'a KernelBenchOptions,
@@ -186,12 +189,7 @@ impl Bench<'_> {
     /// adapter streams a read of that size in one dispatch at all, the ceiling for a product
     /// of the same bytes. GPU sizes: the Llama-3-8B products in Q4_0 (Wo, QKV, down, gate/up)
     /// and f16 (QKV, down, gate/up).
-    fn streams(
-        &self,
-        p: &Probes,
-        row: &dyn Fn(&str, String, f64, f64, f64) -> Row,
-        on_row: &mut dyn FnMut(&Row),
-    ) -> Result<()> {
+    fn streams(&self, p: &Probes, row: ProbeRow, on_row: &mut dyn FnMut(&Row)) -> Result<()> {
         let gpu = self.gpu;
         let (sizes, groups): (&[u64], &[u32]) = if self.cpu {
             (&[1 << 20], &[16, 64])
@@ -241,12 +239,7 @@ impl Bench<'_> {
     /// dependency over inside: what fusing two of a decode step's products could save. GPU
     /// shapes: slices too small to matter (the boundary alone), Wo then gate/up (8-bit
     /// vectors, 8B shape: 9 and 66 MB), gate/up then down (66 and 33 MB).
-    fn handoffs(
-        &self,
-        p: &Probes,
-        row: &dyn Fn(&str, String, f64, f64, f64) -> Row,
-        on_row: &mut dyn FnMut(&Row),
-    ) -> Result<()> {
+    fn handoffs(&self, p: &Probes, row: ProbeRow, on_row: &mut dyn FnMut(&Row)) -> Result<()> {
         let gpu = self.gpu;
         let shapes: &[HandoffShape] = if self.cpu {
             &[HandoffShape { a_groups: 64, b_groups: 64, a_words: 64, b_words: 64 }]

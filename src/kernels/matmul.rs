@@ -564,9 +564,11 @@ impl MatVec {
         Ok(self)
     }
 
-    /// Forces 64, 128, 256, 512 or 1024 invocations per workgroup of a matvec of 8-bit
-    /// vectors (tests; normally [`matvec_q8_workgroup`] or, for the kernels writing 8-bit
-    /// blocks, [`q8_output_workgroup`] and [`q8_norm_workgroup`]).
+    /// Forces 64, 128, 256, 512 or 1024 invocations per workgroup (tests; normally
+    /// [`matvec_q8_workgroup`] for 8-bit vectors, [`matvec_f32_workgroup`] for f32 ones, and
+    /// for the kernels writing 8-bit blocks [`q8_output_workgroup`] and [`q8_norm_workgroup`]).
+    /// Products built [`MatVec::with_norm_output`] ignore it: their layout is
+    /// [`norm_output_layout`] or [`MatVec::with_norm_layout`]'s.
     pub fn with_workgroup(mut self, wg: usize) -> Result<MatVec> {
         if ![64, 128, 256, 512, 1024].contains(&wg) {
             return Err(Error::InvalidArgument(format!("{wg} invocations per workgroup (64 to 1024)")));

@@ -116,7 +116,7 @@ impl HandoffShape {
 
 impl Probes {
     /// Stage(s) `mode` of the handoff probe over `src` ([`HandoffShape::src_vec4s`] vec4s),
-    /// `sums` ([`HandoffShape::sum_words`] words) and `out` (`b_groups` floats): out[g] is
+    /// `sums` ([`HandoffShape::sum_words`] words) and `out` (`b_groups` floats): `out[g]` is
     /// the sum of B's slice g plus the sums of all of A's slices ([`handoff_reference`]).
     pub fn bind_handoff(
         &self,
