@@ -46,6 +46,8 @@
 // scales its dot products by it, as NSCALE does.
 // XSTAGE (XQ8, no SWIGLU): the 8-bit vector is copied to workgroup memory first and each
 // invocation takes two blocks per pass (MatVec::q8_norm_staged says where).
+// XPAIR (XQ8, rows of an even block count): invocations walk neighbouring pairs of blocks
+// (w_dot64q), so that one load brings both blocks' weight scales and one their x scales.
 // XG: the main loop reads x from workgroup memory (xg), filled by NORM or MERGE.
 // Bindings and parameters: products.wgsl; the norm weight or the merge's step state follows
 // them.
@@ -357,6 +359,16 @@ fn main(
     for (var i = lid; i < q8_words(p.k) / 4u; i += WG) { xs[i] = x[xb + i]; }
     workgroupBarrier();
     let xsd = p.k / 16u;
+#if XPAIR
+    // Two neighbouring blocks per pass (see XPAIR below).
+    for (var kp = lane; kp < nb / 2u; kp += TPR) {
+        let dsv = bitcast<vec4<f32>>(xs[xsd + kp]);
+        let o = 4u * kp;
+        for (var r = 0u; r < R; r++) {
+            acc_rows[r] += w_dot64q(0u, min(row0 + r, last_row), kp, xs[o], xs[o + 1u], xs[o + 2u], xs[o + 3u], dsv);
+        }
+    }
+#else
     for (var kb0 = lane; kb0 < nb; kb0 += 2u * TPR) {
         for (var u = 0u; u < 2u; u++) {
             let live = kb0 + u * TPR < nb;
@@ -366,6 +378,26 @@ fn main(
             for (var r = 0u; r < R; r++) {
                 acc_rows[r] += w_dot32q(0u, min(row0 + r, last_row), kb, xs[2u * kb], xs[2u * kb + 1u], ds);
             }
+        }
+    }
+#endif
+#else
+#if XPAIR
+    // Neighbouring blocks in pairs (rows of an even block count): the pair's weight scales
+    // are one word and its x scales one vec4, where a block each loaded them apart (and
+    // used half of each). The scale loads had cost the 4-bit products more than their bytes.
+    for (var kp = lane; kp < nb / 2u; kp += TPR) {
+        let lo0 = x[xb + 4u * kp];
+        let hi0 = x[xb + 4u * kp + 1u];
+        let lo1 = x[xb + 4u * kp + 2u];
+        let hi1 = x[xb + 4u * kp + 3u];
+        let dsv = bitcast<vec4<f32>>(x[xds + kp]);
+        for (var r = 0u; r < R; r++) {
+            let row = min(row0 + r, last_row);
+            acc_rows[r] += w_dot64q(0u, row, kp, lo0, hi0, lo1, hi1, dsv);
+#if SWIGLU
+            accu_rows[r] += w_dot64q(1u, row, kp, lo0, hi0, lo1, hi1, dsv);
+#endif
         }
     }
 #else
@@ -382,6 +414,7 @@ fn main(
 #endif
         }
     }
+#endif
 #endif
 #else
 #if XVEC

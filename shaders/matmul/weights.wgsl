@@ -177,20 +177,19 @@ fn i2f(i: i32) -> f32 {
     return bitcast<f32>(i + 0x4B400000) - 12582912.0;
 }
 
-// The dot product of the 32 elements of row r starting at column 32 * kb with a block of
-// x quantized to 8 bits (quantize_q8.wgsl): lo and hi hold its bytes 0..15 and 16..31,
-// ds = (d, d * sum of the bytes). Bytes times weights in integers (four per dot4I8Packed),
-// the scales once per block. The sums stay below 2^22 in magnitude (32 * 128 * 127), as
-// i2f needs.
-fn w_dot32q(m: u32, r: u32, kb: u32, lo: vec4<u32>, hi: vec4<u32>, ds: vec2<f32>) -> f32 {
-    let L = w_layout(m);
-    let b = r * L.x + kb;
+// The sum of the 32 integer weights of block b (bytes of Q8_0, nibbles of Q4_0 / Q4_1) times
+// a block of x quantized to 8 bits (quantize_q8.wgsl): lo and hi hold its bytes 0..15 and
+// 16..31, ds = (d, d * sum of the bytes); the weight scale is left to the caller. Four byte
+// products per dot4I8Packed; the sums stay below 2^22 in magnitude (32 * 128 * 127), as i2f
+// needs. Q4_0 subtracts its offset 8 (sum (q - 8) x = dx sum q xq - 8 s); Q4_1 returns dx
+// sum q xq (its offset m is the caller's).
+fn w_int32q(m: u32, b: u32, lo: vec4<u32>, hi: vec4<u32>, ds: vec2<f32>) -> f32 {
 #if W_Q8_0
     let q0 = wq(m, b * 2u);
     let q1 = wq(m, b * 2u + 1u);
     let i = (dot4I8Packed(q0.x, lo.x) + dot4I8Packed(q0.y, lo.y)) + (dot4I8Packed(q0.z, lo.z) + dot4I8Packed(q0.w, lo.w))
         + (dot4I8Packed(q1.x, hi.x) + dot4I8Packed(q1.y, hi.y)) + (dot4I8Packed(q1.z, hi.z) + dot4I8Packed(q1.w, hi.w));
-    return w_d(m, b) * ds.x * i2f(i);
+    return ds.x * i2f(i);
 #else
     // Byte j of word i holds elements 4i + j (low nibble) and 16 + 4i + j (high nibble):
     // the low nibbles pair with lo, the high ones with hi, 0..15 each as signed bytes.
@@ -201,16 +200,42 @@ fn w_dot32q(m: u32, r: u32, kb: u32, lo: vec4<u32>, hi: vec4<u32>, ds: vec2<f32>
     let i = (dot4I8Packed(l.x, lo.x) + dot4I8Packed(l.y, lo.y)) + (dot4I8Packed(l.z, lo.z) + dot4I8Packed(l.w, lo.w))
         + (dot4I8Packed(h.x, hi.x) + dot4I8Packed(h.y, hi.y)) + (dot4I8Packed(h.z, hi.z) + dot4I8Packed(h.w, hi.w));
 #if W_Q4_0
-    // sum w x = d sum (q - 8) x = d (dx * sum q xq - 8 s).
-    return w_d(m, b) * (ds.x * i2f(i) - 8.0 * ds.y);
-#endif
-#if W_Q4_1
-    // sum (d q + m) x = d dx * sum q xq + m s.
-    let dm = w_dm(m, b);
-    return dm.x * ds.x * i2f(i) + dm.y * ds.y;
+    return ds.x * i2f(i) - 8.0 * ds.y;
+#else
+    return ds.x * i2f(i);
 #endif
 #endif
 }
+
+// The dot product of the 32 elements of row r starting at column 32 * kb with a block of x
+// quantized to 8 bits (w_int32q), the weight scales applied.
+fn w_dot32q(m: u32, r: u32, kb: u32, lo: vec4<u32>, hi: vec4<u32>, ds: vec2<f32>) -> f32 {
+    let L = w_layout(m);
+    let b = r * L.x + kb;
+#if W_Q4_1
+    // sum (d q + m) x = d dx * sum q xq + m s.
+    let dm = w_dm(m, b);
+    return dm.x * w_int32q(m, b, lo, hi, ds) + dm.y * ds.y;
+#else
+    return w_d(m, b) * w_int32q(m, b, lo, hi, ds);
+#endif
+}
+
+#if XPAIR
+// w_dot32q of blocks 2 kp and 2 kp + 1 of row r (rows of an even block count) with the x
+// blocks (lo0, hi0) and (lo1, hi1), dsv = their (d, s) pairs. The two blocks' weight scales
+// (Q8_0, Q4_0) are one word of the scale array, loaded once.
+fn w_dot64q(m: u32, r: u32, kp: u32, lo0: vec4<u32>, hi0: vec4<u32>, lo1: vec4<u32>, hi1: vec4<u32>, dsv: vec4<f32>) -> f32 {
+#if W_Q4_1
+    return w_dot32q(m, r, 2u * kp, lo0, hi0, dsv.xy) + w_dot32q(m, r, 2u * kp + 1u, lo1, hi1, dsv.zw);
+#else
+    let L = w_layout(m);
+    let b = r * L.x + 2u * kp;
+    let d = unpack2x16float(ww(m, L.y + (b >> 1u)));
+    return d.x * w_int32q(m, b, lo0, hi0, dsv.xy) + d.y * w_int32q(m, b + 1u, lo1, hi1, dsv.zw);
+#endif
+}
+#endif
 #endif
 
 // The factors that turn w_dot32v's partial sums into the dot product: see q4_word.

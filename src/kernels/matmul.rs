@@ -924,17 +924,22 @@ impl MatVec {
             return self.bind_blocks(gpu, mats, x, &[], y, y_out, n);
         }
         let fast = self.q8_input || (w.cols.is_multiple_of(32) && x_offset.is_multiple_of(4));
+        let pairs = self.block_pairs(w.cols);
         let wg = match (self.q8_input, self.workgroup) {
             (true, Some(wg)) => wg,
             (true, None) => matvec_q8_workgroup(gpu, w.cols),
             (false, Some(wg)) => wg,
             (false, None) => matvec_f32_workgroup(gpu, w.cols, mats.len() == 2),
         };
-        let tpr = threads_per_row_of(w.cols, fast, wg);
+        // In pairs of blocks, a row has half the units to spread over its invocations.
+        let tpr = threads_per_row_of(if pairs { w.cols / 2 } else { w.cols }, fast, wg);
         let segments = wg / tpr as usize;
         let largest = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0);
         let r = self.rows_per_segment.unwrap_or_else(|| matvec_rows(gpu, largest, segments));
         let mut key = self.key(gpu, fast, tpr).constant("R", r as u32);
+        if pairs {
+            key = key.define("XPAIR");
+        }
         if let (false, Some(_)) = (self.q8_input, self.norm_scale) {
             key = key.constant("NORM_PARTS", u32_of("norm parts", self.norm_parts(gpu, w.cols))?);
         }
@@ -976,6 +981,9 @@ impl MatVec {
         }
         let tpr = (wg * r / 32) as u32;
         let mut key = with_wg(self.key(gpu, true, tpr).constant("R", r as u32), wg);
+        if self.block_pairs(w.cols) {
+            key = key.define("XPAIR");
+        }
         if self.q8_norm_output && self.staged.unwrap_or_else(|| q8_norm_staged(gpu, w.cols, wg, tpr)) {
             if !staged_fits(gpu, w.cols, wg) {
                 return Err(Error::InvalidArgument(format!(
@@ -1050,6 +1058,15 @@ impl MatVec {
         };
         let one_row = self.q8_norm_output && !cpu;
         (wg, self.rows_per_segment.unwrap_or(if one_row { 1 } else { 4 }))
+    }
+
+    /// Whether this kernel's 8-bit-vector loop walks neighbouring blocks in pairs (matvec.wgsl's
+    /// XPAIR): where rows have an even block count. Measured on an H100, 8B Q4_0 decode at 1K
+    /// (benches/RESULTS.md, round 17), GPU ms per token: 2.554-2.561 -> 2.532-2.537; the
+    /// SmolLM2 shape (Q4_1, 18 and 48 blocks per row) unchanged. A block each had loaded its
+    /// weight scales and x scales apart, and those loads had cost more than their bytes.
+    fn block_pairs(&self, cols: usize) -> bool {
+        self.q8_input && cols.is_multiple_of(64)
     }
 
     /// Words per vector of this kernel's x of `cols` values where it is not plain f32: 8-bit
@@ -1716,8 +1733,9 @@ pub(crate) mod tests {
             for (i, dtype) in [DType::Q8_0, DType::Q4_0, DType::Q4_1].into_iter().enumerate() {
                 q8_norm_case(gpu, dtype, 64, 96, 37, 2, None, None, 60 + i as u64);
                 q8_norm_case(gpu, dtype, 576, 576, 96, 1, Some(([64, 128, 256][i], [1, 2, 4][i])), None, 63 + i as u64);
-                // The staged vector: a row shorter than one pass, and 9 passes whose last
-                // takes one block of two (2 invocations per row, 18 blocks).
+                // The staged vector: a row shorter than one pass (3 blocks, one at a time),
+                // and 18 blocks in 9 pairs over 2 invocations per row (the last pass one pair
+                // of two).
                 q8_norm_case(gpu, dtype, 64, 96, 37, 2, None, Some(true), 70 + i as u64);
                 q8_norm_case(gpu, dtype, 96, 576, 64, 1, Some((64, 1)), Some(true), 73 + i as u64);
             }
