@@ -377,7 +377,10 @@ pub fn q8_norm_workgroup(gpu: &Gpu, cols: usize) -> usize {
 /// more and the vector fits ([`staged_fits`]). Measured on H100s, 8B Q4_0 decode at 1K
 /// (benches/RESULTS.md, round 14), GPU ms per token: 2.540-2.551 -> 2.508-2.525 with
 /// Llama-3-8B's down product so (14 blocks per invocation); Wo (4 blocks) gained nothing,
-/// and two blocks per pass with x in registers lost (2.603).
+/// and two blocks per pass with x in registers lost (2.603). Since products take four rows
+/// per segment where their rows are long ([`MatVec::with_q8_norm_output`]), that down
+/// product walks 3.5 blocks per invocation and is not staged: staged there it measured
+/// 2.189 / 2.191 against 2.158-2.161 (H200, benches/RESULTS.md, round 18).
 pub fn q8_norm_staged(gpu: &Gpu, cols: usize, wg: usize, tpr: u32) -> bool {
     gpu.info.device_type != wgpu::DeviceType::Cpu && cols / 32 >= 8 * tpr as usize && staged_fits(gpu, cols, wg)
 }
@@ -414,6 +417,13 @@ pub fn norm_output_layout(gpu: &Gpu) -> (usize, u32, usize) {
     } else {
         (256, 64, 4)
     }
+}
+
+/// Rows per segment (4, 2 or 1) of a 32-row block kernel in `wg` invocations whose rows have
+/// `units` loop units (blocks, or pairs of blocks): the most at which each of a segment's
+/// wg * R / 32 invocations still has a unit ([`MatVec::with_q8_norm_output`] on GPUs).
+fn block_rows_filling(wg: usize, units: usize) -> usize {
+    [4, 2].into_iter().find(|&r| wg * r / 32 <= units).unwrap_or(1)
 }
 
 /// Sums of squares per vector that [`MatVec::with_norm_output`] writes for `rows` rows in the
@@ -1045,10 +1055,13 @@ impl MatVec {
     }
 
     /// Invocations and rows per segment of the kernels that write 32-row blocks: 32 / R
-    /// segments of wg * R / 32 invocations each. The norm output's products (Wo, down) take
-    /// one row per segment, 32 segments, on GPUs: measured on an H100 (benches/RESULTS.md,
-    /// round 9), 8B Q4_0 decode at 1K 355 -> 363 tok/s with down so, 371 with Wo too, against
-    /// four rows per segment.
+    /// segments of wg * R / 32 invocations each. The norm output's products (Wo, down) take,
+    /// on GPUs, the most rows per segment (4, 2, 1) at which every invocation of a segment
+    /// still has a unit of the row (a block, or a pair of blocks) to walk: more rows share
+    /// each load of x, fewer leave invocations idle. Measured on an H200 (benches/RESULTS.md,
+    /// round 18), 8B Q4_0 decode at 1K, GPU ms per token: with one row each (round 9's
+    /// choice, before pairs of blocks) 2.237-2.241; down at 4 rows 2.163 / 2.165, at 2 rows
+    /// 2.194 / 2.198; Wo at 2 rows 2.231 / 2.228, at 4 (half its invocations idle) 2.241 / 2.239.
     fn block_layout(&self, gpu: &Gpu, cols: usize) -> (usize, usize) {
         let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
         let wg = match self.workgroup {
@@ -1056,8 +1069,12 @@ impl MatVec {
             None if self.q8_norm_output => q8_norm_workgroup(gpu, cols),
             None => q8_output_workgroup(gpu),
         };
-        let one_row = self.q8_norm_output && !cpu;
-        (wg, self.rows_per_segment.unwrap_or(if one_row { 1 } else { 4 }))
+        let r = if self.q8_norm_output && !cpu {
+            block_rows_filling(wg, if self.block_pairs(cols) { cols / 64 } else { cols / 32 })
+        } else {
+            4
+        };
+        (wg, self.rows_per_segment.unwrap_or(r))
     }
 
     /// Whether this kernel's 8-bit-vector loop walks neighbouring blocks in pairs (matvec.wgsl's
@@ -1744,8 +1761,14 @@ pub(crate) mod tests {
         // 14336) in the layout GPUs use for it, once, and staged (in 512 invocations, which
         // fit lavapipe's 32 KiB of workgroup storage).
         q8_norm_case(&variants()[0], DType::Q4_0, 4096, 4096, 256, 1, None, Some(false), 66);
-        q8_norm_case(&variants()[0], DType::Q4_0, 4096, 14336, 64, 1, Some((1024, 1)), Some(false), 67);
+        q8_norm_case(&variants()[0], DType::Q4_0, 4096, 4096, 64, 1, Some((1024, 2)), Some(false), 69);
+        q8_norm_case(&variants()[0], DType::Q4_0, 4096, 14336, 64, 1, Some((1024, 4)), Some(false), 67);
         q8_norm_case(&variants()[0], DType::Q4_0, 4096, 14336, 64, 1, Some((512, 1)), Some(true), 68);
+        // GPUs' rows per segment: Llama-3-8B's Wo (64 pairs of blocks per row) 2 at 1024
+        // invocations, its down (224 pairs) 4; a row with fewer units than a segment of one
+        // row has invocations takes 1.
+        assert_eq!((block_rows_filling(1024, 64), block_rows_filling(1024, 224)), (2, 4));
+        assert_eq!((block_rows_filling(1024, 31), block_rows_filling(256, 9), block_rows_filling(64, 8)), (1, 1, 4));
         let gpu = &variants()[0];
         // The staging rule: GPUs only, 8 blocks per invocation and more, within the storage.
         let gpu_adapter = gpu.info.device_type != wgpu::DeviceType::Cpu;
