@@ -334,12 +334,15 @@ pub fn matvec_q8_workgroup(gpu: &Gpu, cols: usize) -> usize {
 }
 
 /// Invocations per workgroup of a matvec of f32 vectors with `cols` columns: 64, or 128 for
-/// the gate/up (`swiglu`) product where a row has 128 blocks or more (one block per
-/// invocation per row and matrix instead of two). Measured on an H100, 8B f16 decode at 1K
-/// (benches/RESULTS.md, round 16), GPU ms per token: 6.503 / 6.505 -> 6.459 / 6.455 so;
-/// Q/K/V at 128 6.532 / 6.534, the LM head 6.501 / 6.506, all three at 256 6.74-6.76, and
-/// the SmolLM2 shape (18 blocks per row) with all at 128 0.937 / 0.935 against 0.931 / 0.926.
-/// A CPU adapter keeps 64.
+/// the gate/up (`swiglu`) product where a row has 128 blocks or more. Such products walk a
+/// row with at most [`F32_ROW_THREADS`] invocations, so the 128 make two segments of four
+/// rows, two blocks per invocation per row and matrix. Measured on an H100, 8B f16 decode at
+/// 1K (benches/RESULTS.md, round 16), GPU ms per token, with 128 invocations per row: 6.503 /
+/// 6.505 -> 6.459 / 6.455 so; Q/K/V at 128 6.532 / 6.534, the LM head 6.501 / 6.506, all
+/// three at 256 6.74-6.76, and the SmolLM2 shape (18 blocks per row) with all at 128 0.937 /
+/// 0.935 against 0.931 / 0.926. On an H200 (round 18) gate/up at 128 with 64 per row against
+/// 128 per row: 5.492 / 5.495 against 5.542 / 5.541; Q/K/V and the LM head at 32 or 16 per
+/// row lost (5.67, 6.07). A CPU adapter keeps 64.
 pub fn matvec_f32_workgroup(gpu: &Gpu, cols: usize, swiglu: bool) -> usize {
     if gpu.info.device_type != wgpu::DeviceType::Cpu && swiglu && cols / 32 >= 128 {
         128
@@ -347,6 +350,10 @@ pub fn matvec_f32_workgroup(gpu: &Gpu, cols: usize, swiglu: bool) -> usize {
         64
     }
 }
+
+/// Most invocations per row of a matvec of f32 vectors ([`matvec_f32_workgroup`]): larger
+/// workgroups hold more segments instead of spreading a row wider.
+pub const F32_ROW_THREADS: usize = 64;
 
 /// Invocations per workgroup of [`MatVec::with_q8_output`]: eight segments of four rows make
 /// its 32-row block, so this sets the invocations per row (wg / 8). Measured on an H100, 8B
@@ -942,7 +949,8 @@ impl MatVec {
             (false, None) => matvec_f32_workgroup(gpu, w.cols, mats.len() == 2),
         };
         // In pairs of blocks, a row has half the units to spread over its invocations.
-        let tpr = threads_per_row_of(if pairs { w.cols / 2 } else { w.cols }, fast, wg);
+        let row_threads = if self.q8_input { wg } else { wg.min(F32_ROW_THREADS) };
+        let tpr = threads_per_row_of(if pairs { w.cols / 2 } else { w.cols }, fast, row_threads);
         let segments = wg / tpr as usize;
         let largest = w.chunks.iter().map(|c| c.rows).max().unwrap_or(0);
         let r = self.rows_per_segment.unwrap_or_else(|| matvec_rows(gpu, largest, segments));
@@ -2113,7 +2121,8 @@ pub(crate) mod tests {
                 i += 1;
             }
         }
-        // f16 gate/up as 8B decode runs it on GPUs: 4 rows per segment, 128 invocations.
+        // f16 gate/up as 8B decode runs it on GPUs: 4 rows per segment, 128 invocations, 64
+        // per row.
         run_case(&vs[0], false, DType::F16, Epilogue::SwiGlu, 14336, 4096, 1, 0, 57);
         run_case(&vs[0], true, DType::Q4_0, Epilogue::Store, 4096, 4096, 3, 0, 99);
         eprintln!("llama8b_sizes: {:?}", start.elapsed());
