@@ -1765,9 +1765,10 @@ pub(crate) mod tests {
                 q8_norm_case(gpu, dtype, 96, 576, 64, 1, Some((64, 1)), Some(true), 73 + i as u64);
             }
         }
-        // Llama-3-8B's Wo (4096 x 4096) into gate/up-sized rows, and its down product (4096 x
-        // 14336) in the layout GPUs use for it, once, and staged (in 512 invocations, which
-        // fit lavapipe's 32 KiB of workgroup storage).
+        // Llama-3-8B's Wo (4096 x 4096) into gate/up-sized rows, in this adapter's layout and
+        // in the one GPUs use for it (1,024 invocations, 2 rows per segment); its down product
+        // (4096 x 14336) in GPUs' layout (4 rows), and staged (in 512 invocations, which fit
+        // lavapipe's 32 KiB of workgroup storage).
         q8_norm_case(&variants()[0], DType::Q4_0, 4096, 4096, 256, 1, None, Some(false), 66);
         q8_norm_case(&variants()[0], DType::Q4_0, 4096, 4096, 64, 1, Some((1024, 2)), Some(false), 69);
         q8_norm_case(&variants()[0], DType::Q4_0, 4096, 14336, 64, 1, Some((1024, 4)), Some(false), 67);
