@@ -12,6 +12,10 @@
 // the end); the segment then sums its lanes (subgroup shuffles within a subgroup, then
 // workgroup memory).
 // XVEC (cols % 32 == 0 and x_off % 4 == 0): the fast block path with 16-byte loads of x and W.
+// FCHUNK (XVEC, f16 and bf16 rows): a pass of a segment over its next blocks splits them into
+// 16-byte chunks and gives neighbouring invocations neighbouring chunks (w_dot4c), so that a
+// subgroup's load is one contiguous run; walking whole blocks, each lane's load fell in its
+// own 64-byte block (and its x in its own 128 bytes), which cost the f16 products ~8%.
 // Without it, an element-wise path for any shape.
 // NORM: x is first RMS-normalised with weight gn (x * gn / sqrt(mean(x^2) + eps)), fusing the
 // norm that precedes a layer's first product. Each workgroup sums the squares of its vector
@@ -221,6 +225,20 @@ fn x_block(xb: u32, kb: u32) -> array<vec4<f32>, 8> {
     return array<vec4<f32>, 8>(x[o], x[o + 1u], x[o + 2u], x[o + 3u], x[o + 4u], x[o + 5u], x[o + 6u], x[o + 7u]);
 #endif
 }
+
+#if FCHUNK
+// The x of the four 8-column chunks c, c + s, c + 2s, c + 3s (w_dot4c).
+fn x_chunks(xb: u32, c: u32, s: u32) -> array<vec4<f32>, 8> {
+    let o = 2u * c;
+    let d = 2u * s;
+#if XG
+    return array<vec4<f32>, 8>(xg[o], xg[o + 1u], xg[o + d], xg[o + d + 1u], xg[o + 2u * d], xg[o + 2u * d + 1u], xg[o + 3u * d], xg[o + 3u * d + 1u]);
+#else
+    let b = xb + o;
+    return array<vec4<f32>, 8>(x[b], x[b + 1u], x[b + d], x[b + d + 1u], x[b + 2u * d], x[b + 2u * d + 1u], x[b + 3u * d], x[b + 3u * d + 1u]);
+#endif
+}
+#endif
 
 fn x_sum(xs: array<vec4<f32>, 8>) -> f32 {
     return dot(((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7])), vec4<f32>(1.0));
@@ -441,6 +459,23 @@ fn main(
     // together, where a bounds test around each row had kept them one at a time (8B Q4_0
     // decode +12% on an H100, benches/RESULTS.md).
     let last_row = p.rows - 1u;
+#if FCHUNK
+    // A pass covers the segment's next `span` blocks as 4 * span chunks of 8 columns, lane i
+    // taking chunks i, i + span, i + 2 span, i + 3 span: each load of a subgroup then reads
+    // one contiguous run, where walking whole blocks spread it over every lane's block.
+    for (var kb = lane; kb < nb; kb += TPR) {
+        let span = min(TPR, nb - (kb - lane));
+        let c = 4u * (kb - lane) + lane;
+        let xs = x_chunks(xb, c, span);
+        for (var r = 0u; r < R; r++) {
+            let row = min(row0 + r, last_row);
+            acc[r] += w_dot4c(0u, row, c, span, xs);
+#if SWIGLU
+            accu[r] += w_dot4c(1u, row, c, span, xs);
+#endif
+        }
+    }
+#else
     for (var kb = lane; kb < nb; kb += TPR) {
         let xs = x_block(xb, kb);
         let xsum = x_sum(xs);
@@ -452,6 +487,7 @@ fn main(
 #endif
         }
     }
+#endif
     // Each row's partial sums, folded once (folding every block measured no faster).
     let acc_rows = vec4<f32>(dot(acc[0], fold), dot(acc[1], fold), dot(acc[2], fold), dot(acc[3], fold));
 #if SWIGLU

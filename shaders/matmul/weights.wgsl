@@ -355,6 +355,38 @@ fn w_part_slow(m: u32, r: u32, c0: u32, cols: u32) -> array<vec4<f32>, 2> {
     return array<vec4<f32>, 2>(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
 }
 
+#if W_F16
+// (FCHUNK) The partial sums of w_dot32v over four 8-column chunks of row r instead of one block:
+// chunks c, c + s, c + 2s, c + 3s (16 bytes each), with their x in xs (two vec4s per chunk).
+// matvec's FCHUNK walk gives neighbouring invocations neighbouring chunks, so each of the
+// four loads of a subgroup reads one contiguous run of memory.
+fn w_dot4c(m: u32, r: u32, c: u32, s: u32, xs: array<vec4<f32>, 8>) -> vec4<f32> {
+    let base = ((r * w_layout(m).x) >> 2u) + c;
+    let q0 = wq(m, base);
+    let q1 = wq(m, base + s);
+    let q2 = wq(m, base + 2u * s);
+    let q3 = wq(m, base + 3u * s);
+    var t = vec4<f32>(unpack2x16float(q0.x), unpack2x16float(q0.y)) * xs[0];
+    t += vec4<f32>(unpack2x16float(q0.z), unpack2x16float(q0.w)) * xs[1];
+    t += vec4<f32>(unpack2x16float(q1.x), unpack2x16float(q1.y)) * xs[2];
+    t += vec4<f32>(unpack2x16float(q1.z), unpack2x16float(q1.w)) * xs[3];
+    t += vec4<f32>(unpack2x16float(q2.x), unpack2x16float(q2.y)) * xs[4];
+    t += vec4<f32>(unpack2x16float(q2.z), unpack2x16float(q2.w)) * xs[5];
+    t += vec4<f32>(unpack2x16float(q3.x), unpack2x16float(q3.y)) * xs[6];
+    t += vec4<f32>(unpack2x16float(q3.z), unpack2x16float(q3.w)) * xs[7];
+    return t;
+}
+#endif
+#if W_BF16
+// As the f16 w_dot4c above, for bf16 rows.
+fn w_dot4c(m: u32, r: u32, c: u32, s: u32, xs: array<vec4<f32>, 8>) -> vec4<f32> {
+    let base = ((r * w_layout(m).x) >> 2u) + c;
+    var t = bf16_dot8(wq(m, base), xs[0], xs[1]) + bf16_dot8(wq(m, base + s), xs[2], xs[3]);
+    t += bf16_dot8(wq(m, base + 2u * s), xs[4], xs[5]) + bf16_dot8(wq(m, base + 3u * s), xs[6], xs[7]);
+    return vec4<f32>(t, 0.0, 0.0, 0.0);
+}
+#endif
+
 // Whole-block loads and decoding, split so that a kernel can issue the loads of its next
 // tile before it computes on the current one (matmul_coop). Requires cols % 32 == 0.
 // `q` holds the block's words as they lie (16 for f16 / bf16, 8 for Q8_0, 4 for the 4-bit

@@ -784,6 +784,11 @@ impl MatVec {
             }
         } else if fast {
             key = key.define("XVEC");
+            // 16-bit rows walk chunks so that a subgroup's loads are contiguous runs
+            // (w_dot4c; 8B f16 decode +8% on an H200, benches/RESULTS.md round 19).
+            if matches!(self.dtype, DType::F16 | DType::BF16) {
+                key = key.define("FCHUNK");
+            }
             if let Some(eps) = self.norm_scale {
                 key = key.define("FSCALE").define("F32NORM").constant("EPS_BITS", eps.to_bits());
                 key.sources.insert(0, super::REDUCE_WGSL);
