@@ -16,6 +16,9 @@
 // 16-byte chunks and gives neighbouring invocations neighbouring chunks (w_dot4c), so that a
 // subgroup's load is one contiguous run; walking whole blocks, each lane's load fell in its
 // own 64-byte block (and its x in its own 128 bytes), which cost the f16 products ~8%.
+// FCHUNK2 (FCHUNK, f16 rows): two such passes per loop iteration, their loads in flight
+// together. On an H200 that shortened the 8B f16 step a further 1.8% and lengthened the bf16
+// one 1.3% (more arithmetic per chunk), so bf16 takes one pass.
 // Without it, an element-wise path for any shape.
 // NORM: x is first RMS-normalised with weight gn (x * gn / sqrt(mean(x^2) + eps)), fusing the
 // norm that precedes a layer's first product. Each workgroup sums the squares of its vector
@@ -460,9 +463,32 @@ fn main(
     // decode +12% on an H100, benches/RESULTS.md).
     let last_row = p.rows - 1u;
 #if FCHUNK
-    // A pass covers the segment's next `span` blocks as 4 * span chunks of 8 columns, lane i
-    // taking chunks i, i + span, i + 2 span, i + 3 span: each load of a subgroup then reads
-    // one contiguous run, where walking whole blocks spread it over every lane's block.
+    // A pass over the segment's next `span` blocks (TPR, or what is left) is 4 * span chunks
+    // of 8 columns, lane i taking chunks i, i + span, i + 2 span, i + 3 span: each load of a
+    // subgroup then reads one contiguous run, where walking whole blocks spread it over every
+    // lane's block.
+#if FCHUNK2
+    // An iteration runs two passes so that both passes' loads are in flight together; a lane
+    // with no second pass repeats its first pass's chunks and drops them.
+    for (var kb = lane; kb < nb; kb += 2u * TPR) {
+        let start = kb - lane;
+        let span = min(TPR, nb - start);
+        let c = 4u * start + lane;
+        let more = kb + TPR < nb;
+        let start2 = select(start, start + TPR, more);
+        let span2 = min(TPR, nb - start2);
+        let c2 = 4u * start2 + lane;
+        let xs = x_chunks(xb, c, span);
+        let xs2 = x_chunks(xb, c2, span2);
+        for (var r = 0u; r < R; r++) {
+            let row = min(row0 + r, last_row);
+            acc[r] += w_dot4c(0u, row, c, span, xs) + select(vec4<f32>(0.0), w_dot4c(0u, row, c2, span2, xs2), more);
+#if SWIGLU
+            accu[r] += w_dot4c(1u, row, c, span, xs) + select(vec4<f32>(0.0), w_dot4c(1u, row, c2, span2, xs2), more);
+#endif
+        }
+    }
+#else
     for (var kb = lane; kb < nb; kb += TPR) {
         let span = min(TPR, nb - (kb - lane));
         let c = 4u * (kb - lane) + lane;
@@ -475,6 +501,7 @@ fn main(
 #endif
         }
     }
+#endif
 #else
     for (var kb = lane; kb < nb; kb += TPR) {
         let xs = x_block(xb, kb);
