@@ -115,27 +115,12 @@ fn w_dot32v(m: u32, r: u32, kb: u32, xs: array<vec4<f32>, 8>, xsum: f32) -> vec4
     s += bitcast<vec4<f32>>(wq(m, base + 7u)) * xs[7];
     return s;
 #endif
+    // A 16-bit block is four neighbouring chunks (matvec's FCHUNK walk calls w_dot4c itself).
 #if W_F16
-    let base = (r * L.x + kb * 16u) >> 2u;
-    let q0 = wq(m, base);
-    let q1 = wq(m, base + 1u);
-    let q2 = wq(m, base + 2u);
-    let q3 = wq(m, base + 3u);
-    var s = vec4<f32>(unpack2x16float(q0.x), unpack2x16float(q0.y)) * xs[0];
-    s += vec4<f32>(unpack2x16float(q0.z), unpack2x16float(q0.w)) * xs[1];
-    s += vec4<f32>(unpack2x16float(q1.x), unpack2x16float(q1.y)) * xs[2];
-    s += vec4<f32>(unpack2x16float(q1.z), unpack2x16float(q1.w)) * xs[3];
-    s += vec4<f32>(unpack2x16float(q2.x), unpack2x16float(q2.y)) * xs[4];
-    s += vec4<f32>(unpack2x16float(q2.z), unpack2x16float(q2.w)) * xs[5];
-    s += vec4<f32>(unpack2x16float(q3.x), unpack2x16float(q3.y)) * xs[6];
-    s += vec4<f32>(unpack2x16float(q3.z), unpack2x16float(q3.w)) * xs[7];
-    return s;
+    return w_dot4c(m, r, 4u * kb, 1u, xs);
 #endif
 #if W_BF16
-    let base = (r * L.x + kb * 16u) >> 2u;
-    var s = bf16_dot8(wq(m, base), xs[0], xs[1]) + bf16_dot8(wq(m, base + 1u), xs[2], xs[3]);
-    s += bf16_dot8(wq(m, base + 2u), xs[4], xs[5]) + bf16_dot8(wq(m, base + 3u), xs[6], xs[7]);
-    return vec4<f32>(s, 0.0, 0.0, 0.0);
+    return w_dot4c(m, r, 4u * kb, 1u, xs);
 #endif
 #if W_Q8_0
     let b = r * L.x + kb;
@@ -356,7 +341,7 @@ fn w_part_slow(m: u32, r: u32, c0: u32, cols: u32) -> array<vec4<f32>, 2> {
 }
 
 #if W_F16
-// (FCHUNK) The partial sums of w_dot32v over four 8-column chunks of row r instead of one block:
+// The partial sums of w_dot32v over four 8-column chunks of row r instead of one block:
 // chunks c, c + s, c + 2s, c + 3s (16 bytes each), with their x in xs (two vec4s per chunk).
 // matvec's FCHUNK walk gives neighbouring invocations neighbouring chunks, so each of the
 // four loads of a subgroup reads one contiguous run of memory.
