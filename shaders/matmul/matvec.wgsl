@@ -16,9 +16,10 @@
 // 16-byte chunks and gives neighbouring invocations neighbouring chunks (w_dot4c), so that a
 // subgroup's load is one contiguous run; walking whole blocks, each lane's load fell in its
 // own 64-byte block (and its x in its own 128 bytes), which cost the f16 products ~8%.
-// FCHUNK2 (FCHUNK, f16 rows): two such passes per loop iteration, their loads in flight
-// together. On an H200 that shortened the 8B f16 step a further 1.8% and lengthened the bf16
-// one 1.3% (more arithmetic per chunk), so bf16 takes one pass.
+// FCHUNK2 (FCHUNK, f16 rows, not FNORM): two such passes per loop iteration, their loads in
+// flight together. On an H200 that shortened the 8B f16 step a further 1.8% and lengthened
+// the bf16 one 1.3% (more arithmetic per chunk), so bf16 takes one pass, as do the add-norm
+// products (MatVec::chunk_passes).
 // Without it, an element-wise path for any shape.
 // NORM: x is first RMS-normalised with weight gn (x * gn / sqrt(mean(x^2) + eps)), fusing the
 // norm that precedes a layer's first product. Each workgroup sums the squares of its vector

@@ -412,17 +412,20 @@ pub fn q8_norm_words(k: usize) -> usize {
 
 /// Workgroup layout of [`MatVec::with_norm_output`] as (invocations, invocations per row,
 /// rows per segment): fixed per adapter, so that the number of sums of squares it writes
-/// (one per workgroup) depends on the row count alone ([`norm_output_parts`]). On GPUs four
-/// segments of 64 invocations and four rows: 16 rows and one sum per workgroup. Measured on
+/// (one per workgroup) depends on the row count alone ([`norm_output_parts`]). On GPUs two
+/// segments of 64 invocations and four rows: 8 rows and one sum per workgroup. Measured on
 /// an H100, 8B f16 decode (benches/RESULTS.md, round 10), GPU ms per token at 1K / 16K:
-/// 6.90 / 7.94 with the norm dispatches; 6.62 / 7.65 so; 6.72-6.76 / 7.75-7.78 at 8 rows or
-/// 32 (more sums for the products to add up, or fewer workgroups); 6.79 / 7.82 at 4 rows
-/// (the plain product's layout); 7.96 / 8.94 at 32 rows of one segment each.
+/// 6.90 / 7.94 with the norm dispatches; 6.62 / 7.65 at (256, 64, 4); 6.72-6.76 / 7.75-7.78
+/// at 8 rows or 32 (more sums for the products to add up, or fewer workgroups); 6.79 / 7.82
+/// at 4 rows (the plain product's layout); 7.96 / 8.94 at 32 rows of one segment each. On an
+/// H200 (round 20), with the f16 products' chunked walk, two segments beat four (4.993 ->
+/// 4.976 ms; 4.928 with one chunk pass per iteration, [`MatVec::chunk_passes`]): Llama-3-8B's
+/// Wo and down become 512 workgroups instead of 256, i.e. ~3.9 instead of ~1.9 per SM.
 pub fn norm_output_layout(gpu: &Gpu) -> (usize, u32, usize) {
     if gpu.info.device_type == wgpu::DeviceType::Cpu {
         (64, 16, 4)
     } else {
-        (256, 64, 4)
+        (128, 64, 4)
     }
 }
 
@@ -764,6 +767,20 @@ impl MatVec {
         self.bind_all(gpu, &[w], part, 0, Some(state), y, OutRows::whole(w), 1)
     }
 
+    /// Chunk passes per loop iteration of a 16-bit product's chunked walk (matvec.wgsl's
+    /// FCHUNK2): two for f16, whose loads then are in flight together, one for bf16 and for
+    /// the add-norm products. Measured on an H200, 8B decode at 1K (benches/RESULTS.md rounds
+    /// 19 and 20), GPU ms per token: f16 two passes 5.054 -> 4.964, bf16 5.248 -> 5.317; the
+    /// f16 Wo and down add-norm products with one pass 4.993 -> 4.975 in their old layout,
+    /// and with [`norm_output_layout`]'s two segments 4.976 -> 4.928.
+    fn chunk_passes(&self) -> u32 {
+        if self.dtype == DType::F16 && self.norm_output.is_none() {
+            2
+        } else {
+            1
+        }
+    }
+
     fn key(&self, gpu: &Gpu, fast: bool, tpr: u32) -> PipelineKey {
         let mut key = PipelineKey::new("matvec", &[PRODUCTS_WGSL, WEIGHTS_WGSL, MATVEC_WGSL], gpu.flags())
             .define(w_define(self.dtype));
@@ -789,8 +806,7 @@ impl MatVec {
             if matches!(self.dtype, DType::F16 | DType::BF16) {
                 key = key.define("FCHUNK");
             }
-            // Two chunked passes per iteration: f16 -1.8%, bf16 +1.3% (round 19).
-            if self.dtype == DType::F16 {
+            if self.chunk_passes() == 2 {
                 key = key.define("FCHUNK2");
             }
             if let Some(eps) = self.norm_scale {
@@ -1918,8 +1934,9 @@ pub(crate) mod tests {
                 norm_output_case(gpu, dtype, 576, 576, 96, 1, layout, 80 + i as u64);
             }
         }
-        // Llama-3-8B's down product (4096 x 14336) into its Q/K/V rows, f16, once.
-        norm_output_case(&variants()[0], DType::F16, 4096, 14336, 6144, 1, None, 88);
+        // Llama-3-8B's down product (4096 x 14336) into its Q/K/V rows, f16, once, in the
+        // layout GPUs take.
+        norm_output_case(&variants()[0], DType::F16, 4096, 14336, 6144, 1, Some((128, 64, 4)), 88);
         let gpu = &variants()[0];
         let k = MatVec::with_norm_output(gpu, DType::F16).unwrap();
         let mut rng = Rng::new(3);
