@@ -27,8 +27,10 @@ var<workgroup> w_sh: array<vec4<f32>, 64>;
 // Key-group sums of one head's output words, then the head's output.
 var<workgroup> mo_sh: array<vec4<f32>, 64>;
 
-// Splits per round of loads in the merge (independent loads in flight per invocation).
-const MB: u32 = 8u;
+// Splits per round of loads in the merge (independent loads in flight per invocation): 12
+// is every split an invocation merges wherever AttentionKernels::merges_in_attention holds
+// for one head a workgroup (at most 3072 / hd splits over 256 / hd split groups).
+const MB: u32 = 12u;
 
 fn get_part(i: u32) -> f32 {
     return bitcast<f32>(atomicLoad(&part[i]));
@@ -62,6 +64,20 @@ fn merge_if_last(t: u32, h0: u32, nh: u32, lid: u32, sgs: u32, sgl: u32) {
     let stride = p.hd + 2u;
     let head_stride = p.n_splits * stride;
     let base = (t * p.n_heads + h0) * head_stride;
+    // Output words: invocation = split group * hd4 + word, as attend's value phase.
+    let hd4 = p.hd / 4u;
+    let dg = lid % hd4;
+    let sg = lid / hd4;
+    let n_sg = WG / hd4;
+    // The first round of the first head's output words, loaded with the m and l that weigh
+    // them (they do not depend on the weights): one memory round trip fewer for the merging
+    // workgroup, on which the step waits.
+    var ow0: array<vec4<f32>, MB>;
+    if (sg < n_sg) {
+        for (var u = 0u; u < MB; u++) {
+            ow0[u] = part_word(base + dg * 4u + min(sg + u * n_sg, used - 1u) * stride);
+        }
+    }
     // Invocation s < used: split s's m and l of each head; its weight e^(m - M) / L.
     var m = vec4<f32>(NEG);
     var l = vec4<f32>(0.0);
@@ -80,20 +96,17 @@ fn merge_if_last(t: u32, h0: u32, nh: u32, lid: u32, sgs: u32, sgl: u32) {
     w_sh[lid] = w / select(vec4<f32>(1.0), lsum, lsum > vec4<f32>(0.0));
     workgroupBarrier();
 
-    // Output words: invocation = split group * hd4 + word, as attend's value phase.
-    let hd4 = p.hd / 4u;
-    let dg = lid % hd4;
-    let sg = lid / hd4;
-    let n_sg = WG / hd4;
     for (var i = 0u; i < nh; i++) {
         var acc = vec4<f32>(0.0);
         if (sg < n_sg) {
             let hb = base + i * head_stride + dg * 4u;
             for (var s0 = sg; s0 < used; s0 += MB * n_sg) {
                 // All MB loads first (splits past `used` read the last one and weigh 0).
-                var ow: array<vec4<f32>, MB>;
-                for (var u = 0u; u < MB; u++) {
-                    ow[u] = part_word(hb + min(s0 + u * n_sg, used - 1u) * stride);
+                var ow = ow0;
+                if (i != 0u || s0 != sg) {
+                    for (var u = 0u; u < MB; u++) {
+                        ow[u] = part_word(hb + min(s0 + u * n_sg, used - 1u) * stride);
+                    }
                 }
                 for (var u = 0u; u < MB; u++) {
                     let s = s0 + u * n_sg;

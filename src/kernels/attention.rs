@@ -217,6 +217,9 @@ impl AttentionKernels {
         if kind == AttendKind::Wide && sh.head_dim == 64 {
             key = key.define("HD64");
         }
+        if kind == AttendKind::PerHead && Self::prefetch_supports(sh) {
+            key = key.define("PREFETCH").constant("PF", sh.head_dim / 4);
+        }
         gpu.pipeline(&key)
     }
 
@@ -389,6 +392,17 @@ impl AttentionKernels {
     /// and values each) are unrolled over a constant.
     pub fn wide_supports(sh: AttnShape) -> bool {
         sh.head_dim == 64 || sh.head_dim == 128
+    }
+
+    /// Head sizes whose tiles the per-head kernel loads whole before it computes (attend.wgsl's
+    /// PREFETCH): hd / 4 words of keys and of values per invocation, a multiple of 4 (a key's
+    /// words over its four invocations) dividing its 64 invocations, and at most 16 each. On
+    /// an H200 (benches/RESULTS.md, round 21), GPU ms per token against loading a round at a
+    /// time: SmolLM2 shape (hd 64) at 128 keys 0.887 -> 0.861; Llama-3-8B shape (hd 128,
+    /// 32 words of each) at 1K 4.940 -> 5.044, and 4.952 with the values loaded after the
+    /// softmax: there the held words cost more than the round trips they save.
+    pub fn prefetch_supports(sh: AttnShape) -> bool {
+        matches!(sh.head_dim, 16 | 32 | 64)
     }
 
     /// The kernel for a decode step over `keys` keys. With groups of at least
@@ -814,6 +828,13 @@ mod tests {
     }
 
     /// Which decode steps merge inside attention: few partial values per merging workgroup.
+    #[test]
+    fn tiles_prefetched_where_their_words_fit() {
+        let sh = |head_dim| AttnShape { n_heads: 4, n_kv: 1, head_dim, max_ctx: 64 };
+        let fits: Vec<u32> = (1..=256).filter(|&hd| AttentionKernels::prefetch_supports(sh(hd))).collect();
+        assert_eq!(fits, [16, 32, 64]);
+    }
+
     #[test]
     fn merged_attention_only_over_few_partials() {
         let llama = AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 16384 };
