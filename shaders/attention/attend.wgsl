@@ -200,9 +200,7 @@ fn main(
         // One query head per KV head stores the new row (hd / 4 words; packing the rounded
         // words again gives the same bits).
         if (h % (p.n_heads / p.n_kv) == 0u && lid < hd4 && pos < p.max_ctx) {
-            let row = (kh * p.max_ctx + pos) * hd4;
-            k_cache[row + lid] = kv_pack(new_k);
-            v_cache[row + lid] = kv_pack(new_v);
+            store_kv_word(kh, lid, pos, kv_pack(new_k), kv_pack(new_v));
         }
     }
 #endif

@@ -150,12 +150,17 @@ fn new_value4(t: u32, kh: u32, w: u32) -> vec4<f32> {
     return kv_unpack(kv_pack(qkv4(qkv_head(t, p.n_heads + p.n_kv + kh) + w * 4u)));
 }
 
+// Writes word w of KV head kh's cache row at pos.
+fn store_kv_word(kh: u32, w: u32, pos: u32, k: KvWord, v: KvWord) {
+    let row = (kh * p.max_ctx + pos) * (p.hd / 4u);
+    k_cache[row + w] = k;
+    v_cache[row + w] = v;
+}
+
 // Appends word w of token t's new key and value of KV head kh at pos (one workgroup per KV
 // head calls this).
 fn store_new_kv(t: u32, kh: u32, w: u32, pos: u32) {
-    let row = (kh * p.max_ctx + pos) * (p.hd / 4u);
-    k_cache[row + w] = kv_pack(rotated4(t, p.n_heads + kh, w, pos));
-    v_cache[row + w] = kv_pack(qkv4(qkv_head(t, p.n_heads + p.n_kv + kh) + w * 4u));
+    store_kv_word(kh, w, pos, kv_pack(rotated4(t, p.n_heads + kh, w, pos)), kv_pack(qkv4(qkv_head(t, p.n_heads + p.n_kv + kh) + w * 4u)));
 }
 #else
 fn query4(t: u32, h: u32, w: u32, pos: u32) -> vec4<f32> {

@@ -827,7 +827,7 @@ mod tests {
         assert_eq!(kind(big, 64, 4000), AttendKind::PerHead);
     }
 
-    /// Which decode steps merge inside attention: few partial values per merging workgroup.
+    /// Head sizes whose tiles the per-head kernel loads whole.
     #[test]
     fn tiles_prefetched_where_their_words_fit() {
         let sh = |head_dim| AttnShape { n_heads: 4, n_kv: 1, head_dim, max_ctx: 64 };
@@ -835,6 +835,7 @@ mod tests {
         assert_eq!(fits, [16, 32, 64]);
     }
 
+    /// Which decode steps merge inside attention: few partial values per merging workgroup.
     #[test]
     fn merged_attention_only_over_few_partials() {
         let llama = AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 16384 };
