@@ -13,7 +13,6 @@ use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnSh
 use crate::kernels::embedding::Embedding;
 use crate::kernels::matmul::{
     norm_output_floats, norm_output_parts, q8_norm_words, Epilogue, GpuMatrix, MatMul, MatVec, MergeInput, OutRows,
-    MATMUL_TILE_T,
 };
 use crate::kernels::quantize::{q8_words, Q8Input, QuantizeQ8};
 use crate::kernels::rms_norm::RmsNorm;
@@ -446,8 +445,9 @@ fn fixed(g: [u32; 3]) -> GroupsFn {
 
 /// Matmul dispatches are bound for a whole chunk; a step of n tokens runs the token tiles
 /// that cover n (rows past n in the last tile compute values nothing reads).
-fn matmul_groups(g: [u32; 3]) -> GroupsFn {
-    Box::new(move |s| [s.n.div_ceil(MATMUL_TILE_T as u32), g[1], g[2]])
+fn matmul_groups(g: [u32; 3], tile_t: usize) -> GroupsFn {
+    let tile = tile_t as u32;
+    Box::new(move |s| [s.n.div_ceil(tile), g[1], g[2]])
 }
 
 impl Decoder {
@@ -468,7 +468,11 @@ impl Decoder {
         }];
         let mk = k.mat(w.lm_head());
         for (bound, g) in mk.mm.bind(gpu, w.lm_head(), &b.xn, 0, &b.logits, chunk as usize)? {
-            ppl_tail.push(Dispatch { kind: "lm_head", bound, groups: matmul_groups(g) });
+            ppl_tail.push(Dispatch {
+                kind: "lm_head",
+                bound,
+                groups: matmul_groups(g, mk.mm.tile_t(gpu, w.lm_head(), 0, chunk as usize)),
+            });
         }
         ppl_tail.push(Dispatch {
             kind: "nll",
@@ -513,7 +517,12 @@ impl Decoder {
                 (false, true) => mk.mv_add.bind(gpu, m, x, 0, y, 1)?,
             };
             for (bound, g) in list {
-                push(steps, kind, bound, if prefill { matmul_groups(g) } else { fixed(g) });
+                push(
+                    steps,
+                    kind,
+                    bound,
+                    if prefill { matmul_groups(g, mk.mm.tile_t(gpu, m, 0, rows as usize)) } else { fixed(g) },
+                );
             }
             Ok(())
         };
@@ -626,7 +635,12 @@ impl Decoder {
                     mk.mv.bind_into(gpu, m, &b.xn, &b.qkv, out, 1)?
                 };
                 for (bound, g) in list {
-                    push(&mut steps, "qkv", bound, if prefill { matmul_groups(g) } else { fixed(g) });
+                    push(
+                        &mut steps,
+                        "qkv",
+                        bound,
+                        if prefill { matmul_groups(g, mk.mm.tile_t(gpu, m, 0, rows as usize)) } else { fixed(g) },
+                    );
                 }
                 offset += m.rows;
             }
@@ -777,7 +791,16 @@ impl Decoder {
                 (false, false) => mk.mv_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, 1)?,
             };
             for (bound, g) in list {
-                push(&mut steps, "gate_up", bound, if prefill { matmul_groups(g) } else { fixed(g) });
+                push(
+                    &mut steps,
+                    "gate_up",
+                    bound,
+                    if prefill {
+                        matmul_groups(g, mk.mm_swiglu.tile_t(gpu, &l.gate, 0, rows as usize))
+                    } else {
+                        fixed(g)
+                    },
+                );
             }
             norm_in = false;
             if let (Some([_, _, quant]), Some(mq)) = (q8, &k.mat(&l.down).q8) {

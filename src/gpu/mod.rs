@@ -78,8 +78,11 @@ impl Caps {
         }
     }
 
-    /// Workgroup memory the cooperative-matrix matmul declares.
+    /// Workgroup memory the cooperative-matrix matmul declares (64-token tiles).
     pub const COOP_WORKGROUP_BYTES: u32 = 35840;
+    /// The same with 128-token tiles, taken where the adapter has it
+    /// ([`crate::kernels::matmul::MatMul::tile_t`]).
+    pub const COOP_TILE128_WORKGROUP_BYTES: u32 = 45056;
 }
 
 /// Whether the adapter runs 16 x 16 x 16 f16 x f16 + f32 cooperative matrices per subgroup.

@@ -11,7 +11,7 @@
 //! any `queue.write_buffer`, the new count takes effect for the next submission as a whole.
 
 use super::Bound;
-use crate::gpu::{Gpu, GpuBuffer, PipelineKey};
+use crate::gpu::{Caps, Gpu, GpuBuffer, PipelineKey};
 use crate::kernels::quantize::q8_words;
 use crate::model::quant::{self, DType, GpuLayout};
 use crate::{Error, Result};
@@ -1179,13 +1179,16 @@ impl MatVec {
     }
 }
 
-/// Token rows per matmul tile (both kernels).
+/// Token rows per tile of the f32 matmul kernel, and of the cooperative-matrix kernel on
+/// small products ([`MatMul::tile_t`]).
 pub const MATMUL_TILE_T: usize = 64;
+/// Workgroups a cooperative-matrix product must still have with 128-token tiles to take them.
+const COOP_TILE128_MIN_GROUPS: usize = 128;
 
 /// Prefill product `Y[t, :] = W X[t, :]` for `t < T` (X `[T, K]` from `x_offset` elements, Y
 /// `[T, N]`). Two kernels: on adapters with cooperative matrices ([`crate::gpu::Caps`]) and
 /// 16-bit or narrower weights, `matmul_coop.wgsl` runs the products on the matrix units with
-/// both operands rounded to f16 (64 tokens x 128 rows per workgroup, 64 x 64 outputs for
+/// both operands rounded to f16 (128 or 64 tokens x 128 rows per workgroup, x 64 outputs for
 /// SwiGLU); elsewhere `matmul.wgsl` computes in f32 (64 x 64, 64 x 32 for SwiGLU).
 pub struct MatMul {
     dtype: DType,
@@ -1212,15 +1215,20 @@ impl MatMul {
     }
 
     fn build(gpu: &Gpu, dtype: DType, epilogue: Epilogue, coop: bool) -> Result<MatMul> {
-        let pipeline = gpu.pipeline(&Self::key(gpu, dtype, epilogue, coop))?;
+        let pipeline = gpu.pipeline(&Self::key(gpu, dtype, epilogue, coop, MATMUL_TILE_T))?;
         Ok(MatMul { dtype, epilogue, pipeline, coop })
     }
 
-    fn key(gpu: &Gpu, dtype: DType, epilogue: Epilogue, coop: bool) -> PipelineKey {
+    fn key(gpu: &Gpu, dtype: DType, epilogue: Epilogue, coop: bool, tile_t: usize) -> PipelineKey {
         let mut key = if coop {
-            PipelineKey::new("matmul_coop", &[PRODUCTS_WGSL, WEIGHTS_WGSL, MATMUL_COOP_WGSL], gpu.flags())
+            let key = PipelineKey::new("matmul_coop", &[PRODUCTS_WGSL, WEIGHTS_WGSL, MATMUL_COOP_WGSL], gpu.flags())
                 .define("COOP")
-                .define("XVEC")
+                .define("XVEC");
+            if tile_t == 128 {
+                key.define("TILE128")
+            } else {
+                key
+            }
         } else {
             PipelineKey::new("matmul", &[PRODUCTS_WGSL, WEIGHTS_WGSL, MATMUL_WGSL], gpu.flags())
         };
@@ -1235,6 +1243,40 @@ impl MatMul {
     /// 32-element blocks, x rows 16-byte aligned; other shapes take the f32 kernel).
     pub fn uses_matrix_units(&self) -> bool {
         self.coop
+    }
+
+    /// Whether a product of `cols` columns with x from element `x_offset` runs on the matrix
+    /// units (their kernel needs whole blocks and 16-byte aligned x rows).
+    fn coop_for(&self, cols: usize, x_offset: usize) -> bool {
+        self.coop && cols.is_multiple_of(32) && x_offset.is_multiple_of(4)
+    }
+
+    /// Token rows per workgroup of the product of `w` with x from `x_offset`, bound for `t`
+    /// tokens: a dispatch of n tokens has n / this (rounded up) workgroups along x.
+    ///
+    /// The matrix-unit kernel takes 128-token tiles (each subgroup 2 x 4 fragments, six
+    /// fragment loads per eight products, where 64-token tiles have 2 x 2, four per four) where the
+    /// product then still has [`COOP_TILE128_MIN_GROUPS`] workgroups and the adapter has the
+    /// workgroup memory ([`Caps::COOP_TILE128_WORKGROUP_BYTES`]). Measured on an H200, pp512
+    /// (benches/RESULTS.md, round 22): Llama-3-8B f16 prefill 5,330 -> 6,118 tok/s, Q4_0
+    /// 5,726 -> 5,905, while SmolLM2-135M (36-96 workgroups a product at 128 tokens) lost
+    /// 11%, so small products keep 64.
+    pub fn tile_t(&self, gpu: &Gpu, w: &GpuMatrix, x_offset: usize, t: usize) -> usize {
+        if self.coop_for(w.cols, x_offset) {
+            Self::coop_tile_t(gpu, self.epilogue, w.rows, t)
+        } else {
+            MATMUL_TILE_T
+        }
+    }
+
+    /// [`MatMul::tile_t`] of the matrix-unit kernel for `rows` rows and `t` tokens.
+    fn coop_tile_t(gpu: &Gpu, epilogue: Epilogue, rows: usize, t: usize) -> usize {
+        let groups = t.div_ceil(128) * rows.div_ceil(Self::tile_n(true, epilogue));
+        if gpu.caps.max_workgroup_storage >= Caps::COOP_TILE128_WORKGROUP_BYTES && groups >= COOP_TILE128_MIN_GROUPS {
+            128
+        } else {
+            MATMUL_TILE_T
+        }
     }
 
     fn tile_n(coop: bool, epilogue: Epilogue) -> usize {
@@ -1300,24 +1342,25 @@ impl MatMul {
         t: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
         check_operands("matmul", self.dtype, mats, x, x_offset, y, y_out, t, None, false)?;
-        let coop = self.coop && mats[0].cols.is_multiple_of(32) && x_offset.is_multiple_of(4);
-        let pipeline = if coop == self.coop {
+        let coop = self.coop_for(mats[0].cols, x_offset);
+        let tile_t = self.tile_t(gpu, mats[0], x_offset, t);
+        let pipeline = if coop == self.coop && tile_t == MATMUL_TILE_T {
             self.pipeline.clone()
         } else {
-            gpu.pipeline(&Self::key(gpu, self.dtype, self.epilogue, coop))?
+            gpu.pipeline(&Self::key(gpu, self.dtype, self.epilogue, coop, tile_t))?
         };
         let tile_n = Self::tile_n(coop, self.epilogue);
         Ok(bind_chunks(gpu, "matmul", &pipeline, mats, x, x_offset, &[], y, y_out, t, |rows| {
-            [t.div_ceil(MATMUL_TILE_T) as u32, rows.div_ceil(tile_n) as u32, 1]
+            [t.div_ceil(tile_t) as u32, rows.div_ceil(tile_n) as u32, 1]
         }))
     }
 
-    /// Changes the token count of bound dispatches to `t` (at most the count they were bound
-    /// with).
-    pub fn set_rows(&self, queue: &wgpu::Queue, bound: &mut [(Bound, [u32; 3])], t: u32) {
+    /// Changes the token count of dispatches to `t` (at most the count they were bound
+    /// with); `tile_t` is [`MatMul::tile_t`] of their binding.
+    pub fn set_rows(&self, queue: &wgpu::Queue, bound: &mut [(Bound, [u32; 3])], tile_t: usize, t: u32) {
         for (b, g) in bound {
             write_t(queue, b, t);
-            g[0] = t.div_ceil(MATMUL_TILE_T as u32);
+            g[0] = t.div_ceil(tile_t as u32);
         }
     }
 }
@@ -2155,15 +2198,28 @@ pub(crate) mod tests {
         eprintln!("llama8b_sizes: {:?}", start.elapsed());
     }
 
-    /// Prefill products at a real chunk: SmolLM2 MLP shapes, 200 tokens (three whole token
+    /// Prefill products at a real chunk: SmolLM2 MLP shapes, 200 tokens (three whole 64-token
     /// tiles and a partial one), on the first variant (the matrix units where the adapter has
-    /// them, so that the device runs of this suite check them at size).
+    /// them, so that the device runs of this suite check them at size); then products with
+    /// enough rows for the matrix units' 128-token tiles (one whole and a partial one).
     #[test]
     fn matmul_chunk_sizes() {
         let gpu = &variants()[0];
         for (i, dtype) in [DType::Q4_0, DType::F16].into_iter().enumerate() {
             run_case(gpu, true, dtype, Epilogue::SwiGlu, 1536, 576, 200, 0, 70 + i as u64);
             run_case(gpu, true, dtype, Epilogue::Add, 576, 1536, 200, 0, 80 + i as u64);
+        }
+        for (i, dtype) in [DType::Q4_0, DType::F16].into_iter().enumerate() {
+            for (n, epi) in [(8320, Epilogue::Store), (4160, Epilogue::SwiGlu)] {
+                // Where the matrix units and their memory are there, these take 128 tokens.
+                if MatMul::matrix_units_suit(gpu, dtype)
+                    && gpu.caps.max_workgroup_storage >= Caps::COOP_TILE128_WORKGROUP_BYTES
+                {
+                    assert_eq!(MatMul::coop_tile_t(gpu, epi, n, 200), 128, "{n} rows");
+                    assert_eq!(MatMul::coop_tile_t(gpu, epi, 1536, 200), 64, "1536 rows");
+                }
+                run_case(gpu, true, dtype, epi, n, 576, 200, 0, 90 + i as u64);
+            }
         }
     }
 
@@ -2253,7 +2309,7 @@ pub(crate) mod tests {
                 let m = MatMul::new(gpu, DType::Q8_0, Epilogue::Store).unwrap();
                 rel = mm_rel(&m);
                 let mut b = m.bind(gpu, &w, &xb, 0, &yb, tmax).unwrap();
-                m.set_rows(&gpu.queue, &mut b, t as u32);
+                m.set_rows(&gpu.queue, &mut b, m.tile_t(gpu, &w, 0, tmax), t as u32);
                 b
             } else {
                 let m = MatVec::new(gpu, DType::Q8_0, Epilogue::Store).unwrap();
