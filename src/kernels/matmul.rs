@@ -1182,7 +1182,9 @@ impl MatVec {
 /// Token rows per tile of the f32 matmul kernel, and of the cooperative-matrix kernel on
 /// small products ([`MatMul::tile_t`]).
 pub const MATMUL_TILE_T: usize = 64;
-/// Workgroups a cooperative-matrix product must still have with 128-token tiles to take them.
+/// Token rows per tile of the cooperative-matrix kernel on large products (`TILE128`).
+const COOP_LARGE_TILE_T: usize = 128;
+/// Workgroups a cooperative-matrix product must still have with those tiles to take them.
 const COOP_TILE128_MIN_GROUPS: usize = 128;
 
 /// Prefill product `Y[t, :] = W X[t, :]` for `t < T` (X `[T, K]` from `x_offset` elements, Y
@@ -1224,7 +1226,7 @@ impl MatMul {
             let key = PipelineKey::new("matmul_coop", &[PRODUCTS_WGSL, WEIGHTS_WGSL, MATMUL_COOP_WGSL], gpu.flags())
                 .define("COOP")
                 .define("XVEC");
-            if tile_t == 128 {
+            if tile_t == COOP_LARGE_TILE_T {
                 key.define("TILE128")
             } else {
                 key
@@ -1255,8 +1257,8 @@ impl MatMul {
     /// tokens: a dispatch of n tokens has n / this (rounded up) workgroups along x.
     ///
     /// The matrix-unit kernel takes 128-token tiles (each subgroup 2 x 4 fragments, six
-    /// fragment loads per eight products, where 64-token tiles have 2 x 2, four per four) where the
-    /// product then still has [`COOP_TILE128_MIN_GROUPS`] workgroups and the adapter has the
+    /// fragment loads per eight products, where 64-token tiles have 2 x 2, four per four)
+    /// where the product then still has [`COOP_TILE128_MIN_GROUPS`] workgroups and the adapter has the
     /// workgroup memory ([`Caps::COOP_TILE128_WORKGROUP_BYTES`]). Measured on an H200, pp512
     /// (benches/RESULTS.md, round 22): Llama-3-8B f16 prefill 5,330 -> 6,118 tok/s, Q4_0
     /// 5,726 -> 5,905, while SmolLM2-135M (36-96 workgroups a product at 128 tokens) lost
@@ -1271,9 +1273,9 @@ impl MatMul {
 
     /// [`MatMul::tile_t`] of the matrix-unit kernel for `rows` rows and `t` tokens.
     fn coop_tile_t(gpu: &Gpu, epilogue: Epilogue, rows: usize, t: usize) -> usize {
-        let groups = t.div_ceil(128) * rows.div_ceil(Self::tile_n(true, epilogue));
+        let groups = t.div_ceil(COOP_LARGE_TILE_T) * rows.div_ceil(Self::tile_n(true, epilogue));
         if gpu.caps.max_workgroup_storage >= Caps::COOP_TILE128_WORKGROUP_BYTES && groups >= COOP_TILE128_MIN_GROUPS {
-            128
+            COOP_LARGE_TILE_T
         } else {
             MATMUL_TILE_T
         }
@@ -2215,7 +2217,7 @@ pub(crate) mod tests {
                 if MatMul::matrix_units_suit(gpu, dtype)
                     && gpu.caps.max_workgroup_storage >= Caps::COOP_TILE128_WORKGROUP_BYTES
                 {
-                    assert_eq!(MatMul::coop_tile_t(gpu, epi, n, 200), 128, "{n} rows");
+                    assert_eq!(MatMul::coop_tile_t(gpu, epi, n, 200), COOP_LARGE_TILE_T, "{n} rows");
                     assert_eq!(MatMul::coop_tile_t(gpu, epi, 1536, 200), 64, "1536 rows");
                 }
                 run_case(gpu, true, dtype, epi, n, 576, 200, 0, 90 + i as u64);
