@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuBuffer};
 use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape, DecodeAttention};
 use crate::kernels::embedding::Embedding;
+use crate::kernels::half_x::HalfX;
 use crate::kernels::matmul::{
     norm_output_floats, norm_output_parts, q8_norm_words, Epilogue, GpuMatrix, MatMul, MatVec, MergeInput, OutRows,
 };
@@ -129,6 +130,8 @@ pub struct Kernels {
     /// 8-bit quantization of decode vectors (with the layer norm fused, of the last row with
     /// the final norm, and plain) for the integer-dot products; None where unused.
     pub q8: Option<[QuantizeQ8; 3]>,
+    /// f32 -> f16 of the prefill products' inputs where any runs on the matrix units.
+    pub half_x: Option<HalfX>,
 }
 
 /// The matvec variants of 8-bit vectors (weights in a format that takes them).
@@ -161,6 +164,8 @@ pub struct MatKernels {
     pub mm: MatMul,
     pub mm_add: MatMul,
     pub mm_swiglu: MatMul,
+    /// The same reading x in f16 ([`MatMul::with_half_x`]), where they run on the matrix units.
+    pub mm_half: Option<[MatMul; 3]>,
     /// Where the adapter and format allow (Caps::q8_activations, MatVec::takes_q8_input).
     pub q8: Option<Q8MatKernels>,
 }
@@ -177,6 +182,13 @@ impl Kernels {
         dtypes.dedup();
         let mut mat = vec![];
         for d in dtypes {
+            let mm = MatMul::new(gpu, d, Epilogue::Store)?;
+            let mm_add = MatMul::new(gpu, d, Epilogue::Add)?;
+            let mm_swiglu = MatMul::new(gpu, d, Epilogue::SwiGlu)?;
+            let mm_half = match (mm.with_half_x(gpu)?, mm_add.with_half_x(gpu)?, mm_swiglu.with_half_x(gpu)?) {
+                (Some(a), Some(b), Some(c)) => Some([a, b, c]),
+                _ => None,
+            };
             mat.push((
                 d,
                 MatKernels {
@@ -188,9 +200,10 @@ impl Kernels {
                     mv_add_norm: MatVec::with_norm_output(gpu, d)?,
                     mv_norm_scale: MatVec::new(gpu, d, Epilogue::Store)?.with_norm_scale(c.rms_norm_eps)?,
                     mv_swiglu_norm_scale: MatVec::new(gpu, d, Epilogue::SwiGlu)?.with_norm_scale(c.rms_norm_eps)?,
-                    mm: MatMul::new(gpu, d, Epilogue::Store)?,
-                    mm_add: MatMul::new(gpu, d, Epilogue::Add)?,
-                    mm_swiglu: MatMul::new(gpu, d, Epilogue::SwiGlu)?,
+                    mm,
+                    mm_add,
+                    mm_swiglu,
+                    mm_half,
                     q8: if gpu.caps.q8_activations && MatVec::takes_q8_input(d) {
                         Some(Q8MatKernels {
                             mv: MatVec::with_q8_input(gpu, d, Epilogue::Store)?,
@@ -224,8 +237,10 @@ impl Kernels {
             }
             _ => None,
         };
+        let half_x = if mat.iter().any(|(_, m)| m.mm_half.is_some()) { Some(HalfX::new(gpu)?) } else { None };
         Ok(Kernels {
             q8,
+            half_x,
             norm: RmsNorm::new(gpu)?,
             embed: Embedding::new(gpu, weights.embed.dtype)?,
             embed_q8_norm,
@@ -237,6 +252,17 @@ impl Kernels {
 
     fn mat(&self, m: &GpuMatrix) -> &MatKernels {
         &self.mat.iter().find(|(d, _)| *d == m.dtype).expect("kernels for every dtype").1
+    }
+
+    /// The prefill product of `m` with `epilogue` that reads x in f16, where `m` has one and
+    /// its shape takes it.
+    fn half_mm(&self, m: &GpuMatrix, epilogue: Epilogue) -> Option<&MatMul> {
+        let i = match epilogue {
+            Epilogue::Store => 0,
+            Epilogue::Add => 1,
+            Epilogue::SwiGlu => 2,
+        };
+        self.mat(m).mm_half.as_ref().map(|h| &h[i]).filter(|h| h.uses_matrix_units_for(m.cols))
     }
 
     /// The 8-bit-vector products for all of `mats`, if every one has them and takes vectors
@@ -260,6 +286,9 @@ pub struct Buffers {
     pub q: GpuBuffer,
     pub attn: GpuBuffer,
     pub ffn: GpuBuffer,
+    /// A prefill product's input in f16 (xn, attn or ffn), where products run on the matrix
+    /// units (Kernels::half_x); 4 bytes elsewhere.
+    pub xh: GpuBuffer,
     /// One decode vector quantized to 8 bits (the input of the product that follows).
     pub xq: GpuBuffer,
     /// The SwiGLU output quantized to 8 bits by the gate/up product (which reads xq).
@@ -380,6 +409,11 @@ impl Buffers {
             q: gpu.storage("q", t * qd * f)?,
             attn: gpu.storage("attn", t * qd * f)?,
             ffn: gpu.storage("ffn", t * c.intermediate_size as u64 * f)?,
+            xh: if gpu.caps.coop_matrix {
+                gpu.storage("xh", t * hidden.max(qd).max(c.intermediate_size as u64) * 2)?
+            } else {
+                gpu.storage("xh", 4)?
+            },
             xq: gpu.storage("xq", q8_words(c.hidden_size.max(qd as usize).max(c.intermediate_size)) as u64 * 4)?,
             xq_ffn: gpu.storage("xq_ffn", q8_words(c.intermediate_size) as u64 * 4)?,
             xq_norm: gpu.storage("xq_norm", q8_norm_words(c.hidden_size) as u64 * 4)?,
@@ -501,6 +535,14 @@ impl Decoder {
         let push = |steps: &mut Vec<Dispatch>, kind: &'static str, bound: Bound, groups: GroupsFn| {
             steps.push(Dispatch { kind, bound, groups })
         };
+        // Prefill products on the matrix units read their input in f16, converted once here
+        // into b.xh (Kernels::half_mm); the others read the f32 input.
+        let to_half = |steps: &mut Vec<Dispatch>, x: &GpuBuffer, cols: usize| -> Result<()> {
+            let h = k.half_x.as_ref().ok_or_else(|| Error::InvalidArgument("no f16 conversion kernel".into()))?;
+            let bound = h.bind(gpu, x, &b.xh, rows as usize, cols)?;
+            push(steps, "half_x", bound, Box::new(move |s| HalfX::groups(s.n as usize, cols)));
+            Ok(())
+        };
         // Matrix products: matmul kernels for many tokens, matvec for one.
         let matmul = |steps: &mut Vec<Dispatch>,
                       kind: &'static str,
@@ -510,7 +552,12 @@ impl Decoder {
                       add: bool|
          -> Result<()> {
             let mk = k.mat(m);
+            let half = k.half_mm(m, if add { Epilogue::Add } else { Epilogue::Store }).filter(|_| prefill);
             let list = match (prefill, add) {
+                _ if half.is_some() => {
+                    to_half(steps, x, m.cols)?;
+                    half.unwrap().bind(gpu, m, &b.xh, 0, y, rows as usize)?
+                }
                 (true, false) => mk.mm.bind(gpu, m, x, 0, y, rows as usize)?,
                 (true, true) => mk.mm_add.bind(gpu, m, x, 0, y, rows as usize)?,
                 (false, false) => mk.mv.bind(gpu, m, x, 0, y, 1)?,
@@ -618,10 +665,16 @@ impl Decoder {
             }
             let stride = l.qkv.iter().map(|m| m.rows).sum();
             let mut offset = 0;
+            let qkv_half = |m: &GpuMatrix| k.half_mm(m, Epilogue::Store).filter(|_| prefill);
+            if l.qkv.iter().any(|m| qkv_half(m).is_some()) {
+                to_half(&mut steps, &b.xn, c.hidden_size)?;
+            }
             for m in &l.qkv {
                 let mk = k.mat(m);
                 let out = OutRows { stride, offset };
-                let list = if prefill {
+                let list = if let Some(h) = qkv_half(m) {
+                    h.bind_into(gpu, m, &b.xh, &b.qkv, out, rows as usize)?
+                } else if prefill {
                     mk.mm.bind_into(gpu, m, &b.xn, &b.qkv, out, rows as usize)?
                 } else if let (Some(_), Some(mq), true) = (q8, &mk.q8, norm_in) {
                     mq.mv_norm_scale.bind_into(gpu, m, &b.xq_norm, &b.qkv, out, 1)?
@@ -781,7 +834,13 @@ impl Decoder {
                 _ if q8.is_some() && mk.q8.is_some() => {
                     mk.q8.as_ref().unwrap().mv_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xq, 0, &b.ffn, 1)?
                 }
-                (true, _) => mk.mm_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, rows as usize)?,
+                (true, _) => match k.half_mm(&l.gate, Epilogue::SwiGlu) {
+                    Some(h) => {
+                        to_half(&mut steps, &b.xn, c.hidden_size)?;
+                        h.bind_swiglu(gpu, &l.gate, &l.up, &b.xh, 0, &b.ffn, rows as usize)?
+                    }
+                    None => mk.mm_swiglu.bind_swiglu(gpu, &l.gate, &l.up, &b.xn, 0, &b.ffn, rows as usize)?,
+                },
                 _ if o_norm_f32 => {
                     mk.mv_swiglu_norm_scale.bind_swiglu(gpu, &l.gate, &l.up, &b.xn_norm, 0, &b.ffn, 1)?
                 }

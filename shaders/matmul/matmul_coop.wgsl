@@ -17,7 +17,9 @@
 // dequantisation), which makes this kernel less exact than matmul.wgsl: relative error ~1e-3
 // of sum |w x|.
 
-// Bindings and parameters: products.wgsl (with XVEC).
+// Bindings and parameters: products.wgsl, with XVEC (x in f32, rounded to f16 here by every
+// workgroup column) or XH (x already in f16: half_x.wgsl converted it once; half the bytes
+// read, no conversion here).
 
 // Tokens per tile.
 #if TILE128
@@ -131,7 +133,11 @@ fn emit(lid: u32, sg: u32, t0: u32, wy: u32, i: u32, j: u32, c: coop_mat16x16<f3
 // This invocation's share of one step: XPI x values and one weight block, loaded a step
 // ahead so that their latency hides behind the previous step's products.
 struct StepLoads {
+#if XH
+    x: array<vec4<f16>, XPI / 4u>,
+#else
     x: array<vec4<f32>, XPI / 4u>,
+#endif
     w: WBlock,
 }
 
@@ -186,7 +192,11 @@ fn main(
     for (var kb = 0u; kb < nkb; kb += 2u) {
         // Operands of this step into workgroup memory, as f16.
         for (var i = 0u; i < XPI / 4u; i++) {
+#if XH
+            xs[lt * LD + lk / 4u + i] = next.x[i];
+#else
             xs[lt * LD + lk / 4u + i] = vec4<f16>(clamp(next.x[i], vec4<f32>(-F16_MAX), vec4<f32>(F16_MAX)));
+#endif
         }
         let wv = w_block_decode(next.w);
         for (var i = 0u; i < 8u; i++) {

@@ -1,7 +1,7 @@
 // The interface every weight product shares (matvec, matmul, matmul_coop): the parameter
 // uniform, x, y and the weight matrices, and the layout weights.wgsl reads.
 // t: vectors (matvec) or tokens (matmul); rewritten alone by set_rows, so it comes first.
-// XVEC: x is read as 16-byte vectors (rows of x start at multiples of 4 floats).
+// XVEC: x is read as 16-byte vectors (rows of x start at multiples of 4 floats); XH: as f16.
 
 struct Params {
     t: u32,
@@ -23,10 +23,15 @@ struct Params {
 // The vectors quantized to 8 bits (quantize_q8.wgsl's layout; matvec.wgsl).
 @group(0) @binding(1) var<storage, read> x: array<vec4<u32>>;
 #else
+#if XH
+// x already in f16 (half_x.wgsl; matmul_coop.wgsl).
+@group(0) @binding(1) var<storage, read> x: array<vec4<f16>>;
+#else
 #if XVEC
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 #else
 @group(0) @binding(1) var<storage, read> x: array<f32>;
+#endif
 #endif
 #endif
 #endif

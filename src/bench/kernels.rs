@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernels::attention::{rope_table, AttendKind, AttentionKernels, AttnShape, DecodeAttention};
 use crate::kernels::embedding::Embedding;
+use crate::kernels::half_x::HalfX;
 use crate::kernels::matmul::{norm_output_floats, norm_output_parts, q8_norm_words};
 use crate::kernels::matmul::{Epilogue, GpuMatrix, MatMul, MatVec, OutRows};
 use crate::kernels::probe::{fma_flops, HandoffMode, HandoffShape, Probes, COPY_GROUPS};
@@ -633,6 +634,30 @@ impl Bench<'_> {
                 on_row(&r);
             }
         }
+        if self.wanted("half_x") && gpu.caps.f16 {
+            // The f16 copy of a prefill product's input (matrix units), at its two widths.
+            let k = HalfX::new(gpu)?;
+            for cols in [sh.hidden, sh.intermediate] {
+                let rows = t as usize;
+                let x = gpu.storage("x", (rows * cols) as u64 * 4)?;
+                let xh = gpu.storage("xh", (rows * cols) as u64 * 2)?;
+                let b = k.bind(gpu, &x, &xh, rows, cols)?;
+                let s = self.time_sets(&[vec![(b, HalfX::groups(rows, cols))]])?;
+                let bytes = (rows * cols * 6) as f64;
+                on_row(&Row::new(
+                    "half_x",
+                    sh.name,
+                    "-",
+                    format!("{rows}x{cols}"),
+                    s,
+                    bytes,
+                    0.0,
+                    peaks,
+                    gpu,
+                    &self.timer,
+                ));
+            }
+        }
         if self.wanted("sample") {
             let k = SamplingKernels::new(gpu)?;
             let v = sh.vocab as u32;
@@ -708,6 +733,7 @@ mod tests {
         ] {
             assert!(kernels.contains(&k), "{k} missing from {kernels:?}");
         }
+        assert!(!gpu.caps.f16 || kernels.contains(&"half_x"), "half_x missing from {kernels:?}");
         for r in &rows {
             assert!(r.us.is_finite() && r.us > 0.0, "{r:?}");
             assert!(r.gb_s.is_finite() && r.gflop_s.is_finite(), "{r:?}");

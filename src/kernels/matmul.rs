@@ -1197,6 +1197,8 @@ pub struct MatMul {
     epilogue: Epilogue,
     pipeline: Arc<wgpu::ComputePipeline>,
     coop: bool,
+    /// x is bound in f16 ([`MatMul::with_half_x`]).
+    half_x: bool,
 }
 
 impl MatMul {
@@ -1217,15 +1219,27 @@ impl MatMul {
     }
 
     fn build(gpu: &Gpu, dtype: DType, epilogue: Epilogue, coop: bool) -> Result<MatMul> {
-        let pipeline = gpu.pipeline(&Self::key(gpu, dtype, epilogue, coop, MATMUL_TILE_T))?;
-        Ok(MatMul { dtype, epilogue, pipeline, coop })
+        let pipeline = gpu.pipeline(&Self::key(gpu, dtype, epilogue, coop, false, MATMUL_TILE_T))?;
+        Ok(MatMul { dtype, epilogue, pipeline, coop, half_x: false })
     }
 
-    fn key(gpu: &Gpu, dtype: DType, epilogue: Epilogue, coop: bool, tile_t: usize) -> PipelineKey {
+    /// The same product reading x in f16 (converted once by [`crate::kernels::half_x`]):
+    /// on the matrix units each of a product's workgroup columns otherwise reads the f32 rows
+    /// and converts them again (+21% pp512 for Llama-3-8B Q4_0 on an H200, benches/RESULTS.md).
+    /// None where this product does not run on the matrix units.
+    pub fn with_half_x(&self, gpu: &Gpu) -> Result<Option<MatMul>> {
+        if !self.coop {
+            return Ok(None);
+        }
+        let pipeline = gpu.pipeline(&Self::key(gpu, self.dtype, self.epilogue, true, true, MATMUL_TILE_T))?;
+        Ok(Some(MatMul { dtype: self.dtype, epilogue: self.epilogue, pipeline, coop: true, half_x: true }))
+    }
+
+    fn key(gpu: &Gpu, dtype: DType, epilogue: Epilogue, coop: bool, half_x: bool, tile_t: usize) -> PipelineKey {
         let mut key = if coop {
             let key = PipelineKey::new("matmul_coop", &[PRODUCTS_WGSL, WEIGHTS_WGSL, MATMUL_COOP_WGSL], gpu.flags())
                 .define("COOP")
-                .define("XVEC");
+                .define(if half_x { "XH" } else { "XVEC" });
             if tile_t == COOP_LARGE_TILE_T {
                 key.define("TILE128")
             } else {
@@ -1245,6 +1259,11 @@ impl MatMul {
     /// 32-element blocks, x rows 16-byte aligned; other shapes take the f32 kernel).
     pub fn uses_matrix_units(&self) -> bool {
         self.coop
+    }
+
+    /// Whether a product of `cols` columns (x from element 0) runs on the matrix units.
+    pub fn uses_matrix_units_for(&self, cols: usize) -> bool {
+        self.coop_for(cols, 0)
     }
 
     /// Whether a product of `cols` columns with x from element `x_offset` runs on the matrix
@@ -1343,13 +1362,22 @@ impl MatMul {
         y_out: OutRows,
         t: usize,
     ) -> Result<Vec<(Bound, [u32; 3])>> {
-        check_operands("matmul", self.dtype, mats, x, x_offset, y, y_out, t, None, false)?;
         let coop = self.coop_for(mats[0].cols, x_offset);
+        if self.half_x && !coop {
+            return Err(Error::InvalidArgument(format!(
+                "matmul: f16 x needs the matrix units' shapes (columns a multiple of 32, offset a multiple of 4), not {} from {x_offset}",
+                mats[0].cols
+            )));
+        }
+        // f16 x is checked in 4-byte words: two values each.
+        let (x_words, x_word_offset) =
+            if self.half_x { (Some(mats[0].cols / 2), x_offset / 2) } else { (None, x_offset) };
+        check_operands("matmul", self.dtype, mats, x, x_word_offset, y, y_out, t, x_words, false)?;
         let tile_t = self.tile_t(gpu, mats[0], x_offset, t);
         let pipeline = if coop == self.coop && tile_t == MATMUL_TILE_T {
             self.pipeline.clone()
         } else {
-            gpu.pipeline(&Self::key(gpu, self.dtype, self.epilogue, coop, tile_t))?
+            gpu.pipeline(&Self::key(gpu, self.dtype, self.epilogue, coop, self.half_x, tile_t))?
         };
         let tile_n = Self::tile_n(coop, self.epilogue);
         Ok(bind_chunks(gpu, "matmul", &pipeline, mats, x, x_offset, &[], y, y_out, t, |rows| {
@@ -1399,6 +1427,7 @@ pub fn reference_swiglu(g: &[f32], u: &[f32], x: &[f32], n: usize, k: usize) -> 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::kernels::half_x::HalfX;
     use crate::kernels::{run_pass, testing::*};
     use std::time::Instant;
 
@@ -1472,7 +1501,6 @@ pub(crate) mod tests {
         let y0 = rng.vec(t * n, 2.0);
         let gm = GpuMatrix::upload(gpu, "g", dtype, n, k, &gq).unwrap();
         let xb = gpu.upload("x", &xall).unwrap();
-        let yb = gpu.upload("y", &y0).unwrap();
         let what = format!(
             "{} {} {epi:?} N={n} K={k} T={t} x_off={x_off} chunks={} {:?}",
             if mm {
@@ -1486,36 +1514,50 @@ pub(crate) mod tests {
         );
         let mmk = mm.then(|| MatMul::new(gpu, dtype, epi).unwrap());
         let rel = mmk.as_ref().map_or(F32_REL, mm_rel);
-        let what = format!("{what} coop={}", mmk.as_ref().is_some_and(|m| m.uses_matrix_units()));
-        let bound = if epi == Epilogue::SwiGlu {
-            let um = GpuMatrix::upload(gpu, "u", dtype, n, k, &uq).unwrap();
-            let b = match &mmk {
-                Some(m) => m.bind_swiglu(gpu, &gm, &um, &xb, x_off, &yb, t),
-                None => matvec_for_test(gpu, dtype, epi, seed).bind_swiglu(gpu, &gm, &um, &xb, x_off, &yb, t),
+        let um = (epi == Epilogue::SwiGlu).then(|| GpuMatrix::upload(gpu, "u", dtype, n, k, &uq).unwrap());
+        // Runs the product (a matmul `m`, else a matvec) of x in `xb` and checks it.
+        let check = |m: Option<&MatMul>, xb: &GpuBuffer, what: &str| {
+            let yb = gpu.upload("y", &y0).unwrap();
+            let bound = match (&um, m) {
+                (Some(um), Some(m)) => m.bind_swiglu(gpu, &gm, um, xb, x_off, &yb, t).unwrap(),
+                (Some(um), None) => {
+                    matvec_for_test(gpu, dtype, epi, seed).bind_swiglu(gpu, &gm, um, xb, x_off, &yb, t).unwrap()
+                }
+                (None, Some(m)) => m.bind(gpu, &gm, xb, x_off, &yb, t).unwrap(),
+                (None, None) => matvec_for_test(gpu, dtype, epi, seed).bind(gpu, &gm, xb, x_off, &yb, t).unwrap(),
             };
-            b.unwrap()
-        } else {
-            match &mmk {
-                Some(m) => m.bind(gpu, &gm, &xb, x_off, &yb, t).unwrap(),
-                None => matvec_for_test(gpu, dtype, epi, seed).bind(gpu, &gm, &xb, x_off, &yb, t).unwrap(),
+            run_pass(gpu, |p| {
+                for (b, g) in &bound {
+                    b.record(p, *g);
+                }
+            })
+            .unwrap();
+            let got: Vec<f32> = gpu.read(&yb, 0, t * n).unwrap();
+            let sg = abs_scale(&gd, x, n, k);
+            match epi {
+                Epilogue::Store => check_rel(what, &got, &reference(&gd, x, n, k), &sg, rel),
+                Epilogue::Add => {
+                    let s: Vec<f64> = sg.iter().zip(&y0).map(|(s, y)| s + y.abs() as f64).collect();
+                    check_rel(what, &got, &reference_add(&y0, &gd, x, n, k), &s, rel)
+                }
+                Epilogue::SwiGlu => {
+                    check_rel(what, &got, &reference_swiglu(&gd, &ud, x, n, k), &swiglu_scale(&gd, &ud, x, n, k), rel)
+                }
             }
         };
-        run_pass(gpu, |p| {
-            for (b, g) in &bound {
-                b.record(p, *g);
-            }
-        })
-        .unwrap();
-        let got: Vec<f32> = gpu.read(&yb, 0, t * n).unwrap();
-        let sg = abs_scale(&gd, x, n, k);
-        match epi {
-            Epilogue::Store => check_rel(&what, &got, &reference(&gd, x, n, k), &sg, rel),
-            Epilogue::Add => {
-                let s: Vec<f64> = sg.iter().zip(&y0).map(|(s, y)| s + y.abs() as f64).collect();
-                check_rel(&what, &got, &reference_add(&y0, &gd, x, n, k), &s, rel)
-            }
-            Epilogue::SwiGlu => {
-                check_rel(&what, &got, &reference_swiglu(&gd, &ud, x, n, k), &swiglu_scale(&gd, &ud, x, n, k), rel)
+        check(mmk.as_ref(), &xb, &format!("{what} coop={}", mmk.as_ref().is_some_and(|m| m.uses_matrix_units())));
+        // On the matrix units, the same product of x converted to f16 by half_x.wgsl; shapes
+        // that those do not take refuse f16 x.
+        if let Some(h) = mmk.as_ref().and_then(|m| m.with_half_x(gpu).unwrap()) {
+            let xh = gpu.storage("xh", (xall.len() * 2).next_multiple_of(4) as u64).unwrap();
+            if h.coop_for(k, x_off) {
+                let conv = HalfX::new(gpu).unwrap();
+                let b = conv.bind(gpu, &xb, &xh, 1, xall.len()).unwrap();
+                run_pass(gpu, |p| b.record(p, HalfX::groups(1, xall.len()))).unwrap();
+                check(Some(&h), &xh, &format!("{what} coop=true half_x"));
+            } else {
+                let yb = gpu.storage("y", (t * n * 4) as u64).unwrap();
+                assert!(h.bind(gpu, &gm, &xh, x_off, &yb, t).is_err(), "{what}: f16 x bound off the matrix units");
             }
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod embedding;
+pub mod half_x;
 pub mod matmul;
 pub mod probe;
 pub mod quantize;
