@@ -392,7 +392,10 @@ impl Buffers {
         let hidden = c.hidden_size as u64;
         let qd = (c.num_heads * c.head_dim) as u64;
         let kvd = (c.num_kv_heads * c.head_dim) as u64;
-        let parts = sh.partial_floats(plan.chunk, plan.prefill_splits).max(sh.partial_floats(1, plan.decode_splits));
+        // Partials of decode's splits; prefill in one split writes its output directly.
+        let prefill_parts =
+            if plan.prefill_splits > 1 { sh.partial_floats(plan.chunk, plan.prefill_splits) } else { 0 };
+        let parts = prefill_parts.max(sh.partial_floats(1, plan.decode_splits));
         let mut k_cache = vec![];
         let mut v_cache = vec![];
         for i in 0..c.num_layers {
@@ -728,7 +731,12 @@ impl Decoder {
             for &kind in &attend_kinds {
                 let (kc, vc) = (&b.k_cache[i], &b.v_cache[i]);
                 if prefill {
-                    let bound = k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, kc, vc, &b.part, kind)?;
+                    // One split: the kernel writes the output itself, no merge follows.
+                    let bound = if splits == 1 {
+                        k.attn.bind_attend_output(gpu, sh, &b.state, &b.q, kc, vc, &b.attn, kind)?
+                    } else {
+                        k.attn.bind_attend(gpu, sh, splits, &b.state, &b.q, kc, vc, &b.part, kind)?
+                    };
                     push(
                         &mut steps,
                         "attend",
@@ -752,20 +760,22 @@ impl Decoder {
                     push(&mut steps, "attend", bound, Box::new(move |s| when(s, true)));
                 }
             }
-            let merge = if merge_q8 {
-                k.attn.bind_merge_q8(gpu, sh, splits, 1, &b.state, &b.part, &b.xq)?
-            } else {
-                k.attn.bind_merge(gpu, sh, splits, &b.state, &b.part, &b.attn)
-            };
             let unless_in_o = move |g: [u32; 3]| -> GroupsFn { Box::new(move |s| if in_o(s) { [0, 0, 0] } else { g }) };
-            push(
-                &mut steps,
-                "merge",
-                merge,
-                Box::new(
-                    move |s| if in_o(s) || merged(s) { [0, 0, 0] } else { AttentionKernels::merge_groups(sh, s.n) },
-                ),
-            );
+            if !(prefill && splits == 1) {
+                let merge = if merge_q8 {
+                    k.attn.bind_merge_q8(gpu, sh, splits, 1, &b.state, &b.part, &b.xq)?
+                } else {
+                    k.attn.bind_merge(gpu, sh, splits, &b.state, &b.part, &b.attn)
+                };
+                push(
+                    &mut steps,
+                    "merge",
+                    merge,
+                    Box::new(
+                        move |s| if in_o(s) || merged(s) { [0, 0, 0] } else { AttentionKernels::merge_groups(sh, s.n) },
+                    ),
+                );
+            }
             if merge_in_o {
                 let mv = MatVec::with_merge(gpu, l.o.dtype, merge_input)?;
                 for (bound, g) in mv.bind_merge_add(gpu, &l.o, &b.part, &b.state, &b.x)? {

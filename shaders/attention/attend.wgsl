@@ -5,8 +5,8 @@
 // of the scores, the softmax denominator relative to m, and the unnormalised output. Partials
 // of disjoint key sets merge exactly (attn_merge.wgsl, or attend_merge.wgsl inside decode's
 // kernel), which is what lets every KV policy be "produce partials, merge". Decode uses many
-// splits (flash-decoding); prefill few. Splits past the number of key tiles return at once
-// and write nothing.
+// splits (flash-decoding); prefill one, written out as the output itself (FINAL). Splits
+// past the number of key tiles return at once and write nothing.
 //
 // 64 invocations. Scores: four invocations per key, 16 keys at a time, each invocation
 // dotting every fourth 4-element word of the key: neighbouring invocations read neighbouring
@@ -22,6 +22,7 @@
 // words at a time, each round waited for the one before, and a decode step's tile is
 // usually its split's only one. (At hd 128, 32 words of each, it was slower.)
 
+// FINAL (prefill, one split): the workgroup writes the output o / l instead of its partial.
 // Parameters, bindings and the shared helpers: attend_common.wgsl.
 
 var<workgroup> q_sh: array<vec4<f32>, 64>;
@@ -206,6 +207,14 @@ fn main(
 #endif
     o_sh[lid] = o;
     workgroupBarrier();
+#if FINAL
+    if (lid < hd4) {
+        var sum = vec4<f32>(0.0);
+        for (var g = 0u; g < n_kg; g++) { sum += o_sh[g * hd4 + lid]; }
+        let fo = (t * p.n_heads + h) * p.hd + lid * 4u;
+        for (var e = 0u; e < 4u; e++) { attn_out[fo + e] = sum[e] / l; }
+    }
+#else
     let out = ((t * p.n_heads + h) * p.n_splits + s) * (p.hd + 2u);
     if (lid < hd4) {
         var sum = vec4<f32>(0.0);
@@ -216,6 +225,7 @@ fn main(
         put_part(out + p.hd, m);
         put_part(out + p.hd + 1u, l);
     }
+#endif
 #if MERGE_LAST
     merge_if_last(t, h, 1u, lid, sgs, sgl);
 #endif

@@ -16,6 +16,11 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 // state[0]: position of the step's first token, state[1]: tokens in the step.
 @group(0) @binding(1) var<storage, read> state: array<u32>;
+#if FINAL
+// One split (prefill): the attention output itself, o / l as [t][h][hd], which is what
+// attn_merge.wgsl makes of one split, bit for bit; so no merge dispatch follows.
+@group(0) @binding(5) var<storage, read_write> attn_out: array<f32>;
+#else
 // [t][h][s][hd + 2]: o[0..hd], m, l
 #if MERGE_LAST
 // Atomic words (f32 bits), for attend_merge.wgsl: the last workgroup of a head reads partials
@@ -32,6 +37,7 @@ fn put_part(i: u32, v: f32) {
 fn put_part(i: u32, v: f32) {
     part[i] = v;
 }
+#endif
 #endif
 #if NEW_KV
 // Decode with the rotary embedding and the cache append fused in (no rope_kv dispatch): the

@@ -10,7 +10,8 @@
 //
 // 64 invocations, the same phases as attend.wgsl: scores with four invocations per key (16
 // keys at a time, the four partial dots meeting in workgroup memory), then weighted values
-// with the head dimension in groups of four times 64/(hd/4) groups of keys.
+// with the head dimension in groups of four times 64/(hd/4) groups of keys. FINAL: the
+// output itself, as in attend.wgsl.
 
 // Parameters, bindings and the shared helpers: attend_common.wgsl; workgroup max / sum of
 // vec4s: reduce.wgsl.
@@ -156,10 +157,16 @@ fn main(
         for (var i = 0u; i < nh; i++) {
             var sum = vec4<f32>(0.0);
             for (var g = 0u; g < n_kg; g++) { sum += s_sh[i * 64u + g * hd4 + lid]; }
+#if FINAL
+            let fo = (t * p.n_heads + h0 + i) * p.hd + lid * 4u;
+            for (var e = 0u; e < 4u; e++) { attn_out[fo + e] = sum[e] / l[i]; }
+#else
             let out = ((t * p.n_heads + h0 + i) * p.n_splits + s) * (p.hd + 2u);
             for (var e = 0u; e < 4u; e++) { put_part(out + lid * 4u + e, sum[e]); }
+#endif
         }
     }
+#if !FINAL
     if (lid == 0u) {
         for (var i = 0u; i < nh; i++) {
             let out = ((t * p.n_heads + h0 + i) * p.n_splits + s) * (p.hd + 2u);
@@ -167,6 +174,7 @@ fn main(
             put_part(out + p.hd + 1u, l[i]);
         }
     }
+#endif
 #if MERGE_LAST
     merge_if_last(t, h0, nh, lid, sgs, sgl);
 #endif

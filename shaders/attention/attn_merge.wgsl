@@ -11,7 +11,8 @@
 //   way, from workgroup memory.
 // With GROUPS = PER = 8, 64 splits cost each invocation one round of 8 independent loads
 // of o (plus the splits' m and l, one address for the whole group: broadcasts). Partials of
-// one split (prefill) use GROUPS = PER = 1, so that no group idles. Both are pipeline
+// one split (decode on a one-core CPU adapter; prefill's one split is written out by attend
+// itself) use GROUPS = PER = 1, so that no group idles. Both are pipeline
 // constants; GROUPS * PER >= n_splits.
 // Q8_OUT (hd a multiple of LANES): the output is quantized to 8 bits for the integer-dot Wo
 // product, in quantize_q8.wgsl's layout (query t at word t * q8_stride); a workgroup's

@@ -156,7 +156,7 @@ impl<'a> DecodeAttention<'a> {
 
 pub struct AttentionKernels {
     rope: Arc<wgpu::ComputePipeline>,
-    /// The merge for one split (prefill) and for several (see attn_merge.wgsl).
+    /// The merge for one split and for several (see attn_merge.wgsl).
     merge: [Arc<wgpu::ComputePipeline>; 2],
 }
 
@@ -173,13 +173,15 @@ impl AttentionKernels {
     }
 
     /// The variant of attention kernel `kind`: `new_kv` for decode (rotary embedding and cache
-    /// append inside), `merge` = Some(q8) for decode that merges its own splits.
+    /// append inside), `merge` = Some(q8) for decode that merges its own splits, `output`
+    /// for one split that writes the attention output itself (prefill).
     fn attend_pipeline(
         gpu: &Gpu,
         kind: AttendKind,
         sh: AttnShape,
         new_kv: bool,
         merge: Option<bool>,
+        output: bool,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
         let (name, src) = match kind {
             AttendKind::PerHead => ("attend", ATTEND_WGSL),
@@ -207,6 +209,12 @@ impl AttentionKernels {
         let mut key = PipelineKey::new(name, &sources, gpu.flags());
         if new_kv {
             key = key.define("NEW_KV");
+        }
+        if output {
+            if kind == AttendKind::Wide || new_kv || merge.is_some() {
+                return Err(Error::Unsupported(format!("{kind:?} attention writing its output itself")));
+            }
+            key = key.define("FINAL");
         }
         if let Some(q8) = merge {
             key = key.define("MERGE_LAST");
@@ -272,8 +280,28 @@ impl AttentionKernels {
         part: &GpuBuffer,
         kind: AttendKind,
     ) -> Result<Bound> {
-        let pipeline = Self::attend_pipeline(gpu, kind, sh, false, None)?;
+        let pipeline = Self::attend_pipeline(gpu, kind, sh, false, None, false)?;
         Ok(Self::bind_attend_params(gpu, &pipeline, AttendParams::new(sh, splits), &[state, q, k_cache, v_cache, part]))
+    }
+
+    /// Attention of the step's queries over the cache in one split, written as the output
+    /// `[n][n_heads][hd]` itself (what [`AttentionKernels::bind_merge`] makes of one split, bit
+    /// for bit): prefill needs no merge dispatch. Per head or head groups, as
+    /// [`AttentionKernels::prefill_kind`] picks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_attend_output(
+        &self,
+        gpu: &Gpu,
+        sh: AttnShape,
+        state: &GpuBuffer,
+        q: &GpuBuffer,
+        k_cache: &GpuBuffer,
+        v_cache: &GpuBuffer,
+        out: &GpuBuffer,
+        kind: AttendKind,
+    ) -> Result<Bound> {
+        let pipeline = Self::attend_pipeline(gpu, kind, sh, false, None, true)?;
+        Ok(Self::bind_attend_params(gpu, &pipeline, AttendParams::new(sh, 1), &[state, q, k_cache, v_cache, out]))
     }
 
     /// `params`, then `buffers` in binding order.
@@ -297,7 +325,7 @@ impl AttentionKernels {
     /// step needs no rope_kv dispatch. Steps of several tokens (prefill) use rope_kv and
     /// [`AttentionKernels::bind_attend`].
     pub fn bind_attend_new_kv(&self, gpu: &Gpu, d: &DecodeAttention) -> Result<Bound> {
-        let pipeline = Self::attend_pipeline(gpu, d.kind, d.sh, true, None)?;
+        let pipeline = Self::attend_pipeline(gpu, d.kind, d.sh, true, None, false)?;
         Ok(Self::bind_attend_params(gpu, &pipeline, AttendParams::new(d.sh, d.splits), &d.buffers()))
     }
 
@@ -339,7 +367,7 @@ impl AttentionKernels {
                 out.size, arrivals.size
             )));
         }
-        let pipeline = Self::attend_pipeline(gpu, kind, sh, true, Some(q8))?;
+        let pipeline = Self::attend_pipeline(gpu, kind, sh, true, Some(q8), false)?;
         let params = AttendParams { q8_stride: q8_stride as u32, ..AttendParams::new(sh, splits) };
         let [state, qkv, k_cache, v_cache, part, rope] = d.buffers();
         Ok(Self::bind_attend_params(gpu, &pipeline, params, &[state, qkv, k_cache, v_cache, part, rope, arrivals, out]))
@@ -605,6 +633,8 @@ mod tests {
         NewKv,
         /// The decode kernel that also merges (attend_merge.wgsl): no merge dispatch.
         Merged,
+        /// rope_kv, then attend in one split writing the output itself (prefill's FINAL).
+        Output,
     }
 
     /// Runs rope_kv + attend + merge for `n` new tokens after `past` cached ones (whose K/V
@@ -620,6 +650,9 @@ mod tests {
         }
         for kind in kinds {
             check_kind(gpu, sh, past, n, splits, seed, kind, Mode::Separate);
+            if splits == 1 && kind != AttendKind::Wide {
+                check_kind(gpu, sh, past, n, splits, seed, kind, Mode::Output);
+            }
             if n == 1 {
                 check_kind(gpu, sh, past, n, splits, seed, kind, Mode::NewKv);
                 if kind != AttendKind::Wide {
@@ -677,6 +710,8 @@ mod tests {
             part: &part,
         };
         let fb = k.bind_attend_new_kv(gpu, &decode).unwrap();
+        let ob =
+            (mode == Mode::Output).then(|| k.bind_attend_output(gpu, sh, &state, &qb, &kc, &vc, &out, kind).unwrap());
         let merged = |out: &GpuBuffer, q8: bool| k.bind_attend_merged(gpu, &decode, &arrivals, out, q8);
         let mb = k.bind_merge(gpu, sh, splits, &state, &part, &out);
         let groups = |cnt: usize| AttentionKernels::attend_groups(sh, splits, cnt as u32, kind);
@@ -691,15 +726,19 @@ mod tests {
             gpu.write(&qkvb, 0, &rows);
             let mg = if mode == Mode::Merged { Some(merged(&out, false).unwrap()) } else { None };
             crate::kernels::run_pass(gpu, |p| {
-                match (mode, &mg) {
-                    (Mode::Merged, Some(b)) => b.record(p, groups(cnt)),
-                    (Mode::NewKv, _) => fb.record(p, groups(cnt)),
+                match (mode, &mg, &ob) {
+                    (Mode::Merged, Some(b), _) => b.record(p, groups(cnt)),
+                    (Mode::NewKv, _, _) => fb.record(p, groups(cnt)),
+                    (Mode::Output, _, Some(b)) => {
+                        rb.record(p, AttentionKernels::rope_groups(sh, cnt as u32));
+                        b.record(p, groups(cnt));
+                    }
                     _ => {
                         rb.record(p, AttentionKernels::rope_groups(sh, cnt as u32));
                         ab.record(p, groups(cnt));
                     }
                 }
-                if mode != Mode::Merged {
+                if !matches!(mode, Mode::Merged | Mode::Output) {
                     mb.record(p, AttentionKernels::merge_groups(sh, cnt as u32));
                 }
             })
@@ -719,7 +758,7 @@ mod tests {
                 want_q.extend(rope_reference(&qs[b..b + hd], &inv_freq, past + t));
             }
         }
-        if mode == Mode::Separate {
+        if matches!(mode, Mode::Separate | Mode::Output) {
             let got_q: Vec<f32> = gpu.read(&qb, 0, n * nh * hd).unwrap();
             assert_close(&format!("rope q {what}"), &got_q, &want_q, 1e-5, 1e-5);
         }
@@ -759,6 +798,13 @@ mod tests {
             }
         }
         assert_close(&format!("attention {what}"), &got, &want, 2e-4, 2e-3);
+        // The output written by attend itself is the merge's of its one split, bit for bit
+        // (the step again through attend and merge; rope_kv rewrites the same cache rows).
+        if mode == Mode::Output {
+            step(past, n, Mode::Separate);
+            let merged: Vec<f32> = gpu.read(&out, 0, n * nh * hd).unwrap();
+            assert!(got.iter().zip(&merged).all(|(a, b)| a.to_bits() == b.to_bits()), "output vs merge {what}");
+        }
         // The merged kernel again (its last workgroups left the arrival counts at zero), with
         // the 8-bit output: the blocks of the f32 output as quantize_q8 makes them. The
         // step's key and value are written again, unchanged.
@@ -792,6 +838,7 @@ mod tests {
         let gpu = &variants()[0];
         check(gpu, AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 600 }, 500, 1, 16, 6);
         check(gpu, AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 600 }, 64, 9, 2, 7);
+        check(gpu, AttnShape { n_heads: 32, n_kv: 8, head_dim: 128, max_ctx: 600 }, 30, 20, 1, 14);
         // Eight query heads per KV head (two head groups), and five (a group of four and one
         // of one).
         check(gpu, AttnShape { n_heads: 8, n_kv: 1, head_dim: 32, max_ctx: 300 }, 200, 1, 8, 10);
